@@ -1,0 +1,98 @@
+"""Config loading: precedence, typed overrides, validation messages, YAML round trip."""
+
+import pytest
+
+from tfkit import config
+from tfkit.errors import ConfigError
+
+
+def test_precedence_defaults_preset_file_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  d_model: 64\n  n_heads: 2\noptim:\n  lr: 0.01\n")
+    cfg = config.load(f, "nano", ["optim.lr=3e-4"])
+    assert cfg.model.d_model == 64          # file beats preset (nano has 192)
+    assert cfg.model.n_layers == 4          # preset beats defaults
+    assert cfg.optim.lr == pytest.approx(3e-4)  # --set beats file, and 3e-4 is typed as a float
+    assert cfg.model.n_kv_heads == 2        # from the preset
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown key `model.d_modle`") as exc:
+        config.load(overrides=["model.d_modle=3"])
+    assert exc.value.hint == "did you mean `model.d_model`?"
+
+
+def test_unknown_key_in_file_names_it(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key `train.batchsize`") as exc:
+        config.load(f)
+    assert "train.batch_size" in exc.value.hint
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lr=-1", "`optim.lr` = -1"),
+    ("train.batch_size=0", "`train.batch_size` = 0"),
+    ("model.n_heads=5", "not divisible by n_heads=5"),
+    ("model.n_kv_heads=3", "not divisible by n_kv_heads=3"),
+    ("train.max_time=soon", "not a duration"),
+    ("system.device=tpu", "`system.device` = 'tpu'"),
+    ("optim.min_lr=1", "above lr"),
+])
+def test_bad_values_name_field_and_value(override, needle):
+    with pytest.raises(ConfigError) as exc:
+        config.load(overrides=[override])
+    assert needle in exc.value.message
+
+
+def test_bad_yaml_and_empty_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml`: .* at line"):
+        config.load(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        config.load(empty)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match="unknown preset 'nanoo'") as exc:
+        config.load(preset="nanoo")
+    assert "`nano`" in exc.value.hint
+
+
+def test_to_yaml_round_trips_and_documents_every_field(tmp_path):
+    cfg = config.load(preset="tiny", overrides=["optim.betas=[0.8, 0.9]", "train.max_time=90s"])
+    text = config.to_yaml(cfg, "header")
+    f = tmp_path / "out.yaml"
+    f.write_text(text)
+    assert config.load(f) == cfg
+    for path in config.field_paths():
+        leaf = path.rsplit(".", 1)[-1]
+        assert f"{leaf}:" in text
+    assert text.count("  # ") == sum(1 for p in config.field_paths() if "." in p)
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("5m", 300), ("2h", 7200), ("1h30m", 5400), (45, 45)])
+def test_parse_duration(text, seconds):
+    assert config.parse_duration(text) == seconds
+
+
+def test_presets_sizes_are_ordered_and_in_range():
+    names = config.list_presets()
+    assert names[:5] == ["nano", "tiny", "small", "medium", "large"]
+    params = [config.count_params(config.load(preset=n).model, 50304) for n in names[:5]]
+    assert params == sorted(params)
+    nano, tiny, small, medium, large = params
+    assert config.count_params(config.load(preset="nano").model, 4096) < 5e6
+    assert 20e6 < config.count_params(config.load(preset="tiny").model, 4096) < 30e6
+    assert 110e6 < small < 140e6 and 300e6 < medium < 400e6 and 1.1e9 < large < 1.5e9
+
+
+def test_ffn_dim_and_kv_heads_defaults():
+    m = config.ModelConfig(d_model=192, n_heads=6)
+    assert m.ffn_dim == 512 and m.kv_heads == 6 and m.head_dim == 32
+    assert config.padded_vocab(4000) == 4032 and config.padded_vocab(4096) == 4096

@@ -1,0 +1,122 @@
+"""The `tfkit` command: the root Typer app and the one place errors become `error:`/`hint:` lines.
+
+Each subcommand lives in its own small module under ``tfkit.cli`` and is registered below.
+Library code raises :class:`tfkit.errors.TfkitError`; :class:`_ErrorBoundary` prints it as two
+lines on stderr and exits with the error's code. ``TFKIT_DEBUG=1`` re-raises with the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from tfkit import __version__
+from tfkit.errors import TfkitError
+
+
+def _debug() -> bool:
+    return os.environ.get("TFKIT_DEBUG", "") not in ("", "0", "false")
+
+
+def report(message: str, hint: str = "") -> None:
+    """Print ``error: message`` and ``hint: hint`` on stderr."""
+    from rich.markup import escape
+
+    from tfkit.cli.output import err
+
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    if hint:
+        err.print(f"[bold]hint:[/bold] {escape(hint)}", highlight=False)
+
+
+class _ErrorBoundary(TyperGroup):
+    """Root group that turns tfkit errors (and OS errors) into one-line messages and exit codes."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except BrokenPipeError:  # `tfkit ... | head`: the reader left; end quietly
+            sys.stderr = open(os.devnull, "w")
+            raise typer.Exit(0) from None
+        except TfkitError as exc:
+            if _debug():
+                raise
+            report(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if _debug():
+                raise
+            report("interrupted", "a run can be continued with `tfkit resume RUN`")
+            raise typer.Exit(130) from None
+        except OSError as exc:
+            if _debug():
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            report(f"{exc.strerror or exc}{where}", "check the path, its permissions and the free disk space")
+            raise typer.Exit(1) from None
+        except Exception as exc:  # a bug: say so briefly, keep the traceback for TFKIT_DEBUG=1
+            if _debug():
+                raise
+            report(f"internal error: {type(exc).__name__}: {exc}",
+                   "rerun with `TFKIT_DEBUG=1` to see the traceback, and report it")
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    name="tfkit",
+    cls=_ErrorBoundary,
+    help="Train transformer language models from raw text, and generate text with them.\n\n"
+    "Start with `tfkit train --preset auto` (trains on bundled Shakespeare), then `tfkit generate RUN`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tfkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Train transformer language models from raw text, and generate text with them."""
+
+
+def _register() -> None:
+    from tfkit.cli import config_cmd, doctor, dummy, eval as eval_cmd, generate, list_models, prepare, resume, split
+    from tfkit.cli import tokenize, train
+
+    app.command("doctor")(doctor.command)
+    app.command("tokenize")(tokenize.command)
+    app.command("prepare")(prepare.command)
+    app.command("split")(split.command)
+    app.command("dummy-data")(dummy.command)
+    app.add_typer(config_cmd.app, name="config")
+    app.command("train")(train.command)
+    app.command("resume")(resume.command)
+    app.command("eval")(eval_cmd.command)
+    app.command("generate")(generate.command)
+    app.command("list-models")(list_models.command)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point (`tfkit`)."""
+    app(prog_name="tfkit")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,91 @@
+"""`tfkit eval`: loss, perplexity and bits per byte of a run on token or text data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tfkit.cli.options import JsonOpt, RunArg
+from tfkit.cli.output import err, info, print_json
+
+
+def command(
+    run: RunArg,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Prepared token file to evaluate on (made with the run's tokenizer).")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="Raw .txt/.jsonl file, tokenized with the run's tokenizer.")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")] = "latest",
+    max_batches: Annotated[Optional[int], typer.Option("--max-batches", min=1, help="Evaluate at most this many batches (spread over the data). Default: all.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences per batch. Default: the run's train.batch_size.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate a run: loss (nats/token), perplexity and bits per byte.
+
+    Without `--data` or `--text` it uses the run's validation data.
+
+    Examples:
+
+      tfkit eval my-run
+
+      tfkit eval my-run --text hamlet.txt --json
+    """
+    import numpy as np
+    import torch
+
+    from tfkit import hardware
+    from tfkit.data.loader import eval_batches, hold_out
+    from tfkit.data.tokenfile import TokenFile
+    from tfkit.errors import ConfigError, DataError
+    from tfkit.train.evaluate import evaluate
+    from tfkit.train.setup import load_run
+
+    if data is not None and text is not None:
+        raise ConfigError("give either --data or --text, not both", "`--data` takes a token file, `--text` raw text")
+    hw = hardware.detect()
+    loaded = load_run(run, "cpu", checkpoint, on_warning=lambda s: info(f"warning: {s}"))
+    runtime = hardware.resolve(loaded.cfg.system, hw)
+    model = loaded.model.to(runtime.device)
+    vocab = loaded.cfg.model.vocab_size
+    tok = loaded.tokenizer
+    if text is not None:
+        if tok is None:
+            raise DataError(f"run `{loaded.run_dir.name}` has no tokenizer.json, so it cannot read text",
+                            "evaluate a prepared token file with `--data`")
+        from tfkit.data.sources import expand_inputs, iter_documents
+
+        ids: list[int] = []
+        for doc in iter_documents(expand_inputs([str(text)])):
+            ids.extend(tok.encode(doc.text))
+            ids.append(tok.eot_id)
+        tokens = np.asarray(ids, dtype=np.int64)
+        source = str(text)
+    elif data is not None:
+        tf = TokenFile.open(data)
+        if tok is not None and tf.header.tokenizer_hash not in ("none", "") and tf.header.tokenizer_hash != tok.hash:
+            raise DataError(f"`{data}` was made by a different tokenizer than run `{loaded.run_dir.name}`",
+                            f"prepare it with `tfkit prepare … --tokenizer {loaded.run_dir / 'tokenizer.json'}`")
+        tf.check_ids(vocab)
+        tokens, source = tf.tokens, str(data)
+    else:
+        d = loaded.cfg.data
+        if d.val:
+            tokens, source = TokenFile.open(d.val).tokens, d.val
+        else:
+            tokens, source = hold_out(TokenFile.open(d.train).tokens, d.val_fraction)[1], f"{d.train} (held-out end)"
+    ctx = loaded.cfg.model.context_length
+    batches = eval_batches(tokens, batch_size or loaded.cfg.train.batch_size, ctx, max_batches=max_batches)
+    byte_lengths = torch.from_numpy(tok.byte_lengths().astype("int64")) if tok is not None else None
+    r = evaluate(model, batches, runtime.device, runtime.precision, byte_lengths)
+    result = {"run": loaded.run_dir.name, "checkpoint": loaded.checkpoint.name, "step": loaded.step, "data": source,
+              "loss": r["loss"], "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
+              "tokens": r["tokens"], "bytes": r["bytes"], "parts": r["parts"], "stats": r["stats"]}
+    bpb = f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a (no tokenizer)"
+    info(f"run {result['run']} ({result['checkpoint']}) on {source}")
+    info(f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | bits per byte {bpb} | "
+         f"{r['tokens']:,} tokens")
+    for k, v in {**r["parts"], **r["stats"]}.items():
+        if k != "ce":
+            info(f"{k} {v:.4g}")
+    if json_out:
+        print_json(result)

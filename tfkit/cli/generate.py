@@ -1,0 +1,82 @@
+"""`tfkit generate`: stream text from a trained run."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from tfkit.cli.options import RunArg
+from tfkit.cli.output import info
+
+
+def command(
+    run: RunArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue. Empty = start a new document.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: smallest set of tokens with probability >= p.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible samples.")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")] = "latest",
+    stop_at_eot: Annotated[bool, typer.Option("--stop-at-eot/--no-stop-at-eot", help="Stop at the end-of-text token.")] = True,
+) -> None:
+    """Generate text from a run, streaming tokens as they are produced (with a KV cache).
+
+    The prompt and its continuation go to stdout; notes go to stderr.
+
+    Examples:
+
+      tfkit generate my-run --prompt "ROMEO:" --max-new-tokens 100
+
+      tfkit generate my-run -p "To be" --temperature 0 --seed 1
+    """
+    from tfkit.errors import ConfigError, DataError
+
+    if math.isnan(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature {temperature} must be a number >= 0", "use 0 for greedy, 0.7-1.0 to sample")
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be positive", "write e.g. `--max-new-tokens 200`")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k {top_k} must be at least 1", "write e.g. `--top-k 50`")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ConfigError(f"--top-p {top_p} must lie in (0, 1]", "write e.g. `--top-p 0.9`")
+
+    from tfkit import hardware
+    from tfkit.train.sample import generate
+    from tfkit.train.setup import load_run
+
+    hw = hardware.detect()
+    loaded = load_run(run, "cpu", checkpoint, on_warning=lambda s: info(f"warning: {s}"))
+    runtime = hardware.resolve(loaded.cfg.system, hw)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise DataError(f"run `{loaded.run_dir.name}` has no tokenizer.json, so it cannot turn tokens into text",
+                        "train with `--tokenizer tokenizer.json` to generate text")
+    model = loaded.model.to(runtime.device)
+    ids = tok.encode(prompt) if prompt else []
+    ids = [tok.eot_id] + ids
+    info(f"run {loaded.run_dir.name} ({loaded.checkpoint.name}), {runtime.device}; temperature {temperature}"
+         + (f", top-k {top_k}" if top_k else "") + (f", top-p {top_p}" if top_p else ""))
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    generated: list[int] = []
+    shown = ""
+    stops = (tok.eot_id,) if stop_at_eot else ()
+    for token in generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, stop_ids=stops, device=runtime.device):
+        if token in stops:
+            break
+        generated.append(token)
+        text = tok.decode(generated)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            continue
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
+    text = tok.decode(generated)
+    out.write(text[len(shown):] + "\n")
+    out.flush()

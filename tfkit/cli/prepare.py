@@ -1,0 +1,69 @@
+"""`tfkit prepare`: text or JSONL files → one token file (header + flat ids) for memmap reading."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tfkit.cli.options import JsonOpt
+from tfkit.cli.output import human_bytes, human_count, info, print_json, progress_bar
+
+
+def _code(text: object) -> str:
+    from rich.markup import escape
+
+    return escape(f"`{text}`")
+
+
+def command(
+    files: Annotated[list[str], typer.Argument(
+        help="Text (.txt) or JSONL (.jsonl) files, folders or quoted globs to encode; .gz is read too.",
+        metavar="FILES...", show_default=False)],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="tokenizer.json to encode with "
+                                            "(train one with `tfkit tokenize`).", metavar="FILE")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Token file to write (replaced atomically if it exists).",
+                                      metavar="FILE")] = Path("corpus.bin"),
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="JSONL field holding the text "
+                                                      "(default: the first of text, content, message, body, output; "
+                                                      "or a messages list, rendered with chat-role tokens).",
+                                                      metavar="FIELD")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Encode text or JSONL files into one token file for training.
+
+    Each document (a .txt file, or a JSONL line) is followed by the end-of-text token. Encoding is batched and streamed, so memory stays constant on multi-GB inputs. Then split the file with `tfkit split`.
+
+    Examples:
+
+      tfkit prepare macbeth.txt --tokenizer tokenizer.json --out corpus.bin
+
+      tfkit prepare "chats/*.jsonl.gz" --tokenizer tokenizer.json --out chats.bin --text-field messages
+    """
+    from tfkit.data.prepare import prepare
+    from tfkit.data.sources import expand_inputs
+    from tfkit.data.tokenizer import Tokenizer
+    from tfkit.errors import DataError
+
+    tok = Tokenizer.load(tokenizer)
+    paths = expand_inputs(files)
+    if out.is_dir():
+        raise DataError(f"`{out}` is a folder", "give `--out` a file name such as corpus.bin")
+    total = sum(p.stat().st_size for p in paths)
+    start = time.perf_counter()
+    with progress_bar(f"encoding {len(paths)} file(s)", total) as advance:
+        h = prepare(paths, tok, out, text_field=text_field, on_progress=advance)
+    seconds = time.perf_counter() - start
+    text_tokens = h.n_tokens - h.n_documents
+    bpt = h.n_bytes / text_tokens if text_tokens else 0.0
+    if json_out:
+        print_json({"path": str(out), **h.to_dict(), "bytes_per_token": round(bpt, 4), "files": len(paths),
+                    "input_bytes": total, "seconds": round(seconds, 3)})
+        return
+    rate = total / seconds / 1e6 if seconds > 0 else 0.0
+    info(f"wrote {_code(out)}: {h.n_tokens:,} tokens ({human_count(h.n_tokens)}), {h.n_documents:,} documents, "
+         f"{h.dtype}, {bpt:.2f} bytes/token")
+    info(f"read {human_bytes(total)} from {len(paths)} file(s) in {seconds:.1f} s ({rate:.1f} MB/s)")
+    info("next: " + _code(f"tfkit split {out} --val-fraction 0.1"))

@@ -1,0 +1,105 @@
+"""`tfkit train`: build the config, pick hardware settings, train with a live dashboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tfkit.cli.options import ConfigFileOpt, JsonOpt, PresetOpt, SetOpt
+from tfkit.cli.output import err, info, print_json, progress_bar, warn
+
+
+def _summary(run_dir: Path, finished, extra: dict) -> dict:
+    return {"run": run_dir.name, "path": str(run_dir), "step": finished.step, "reason": finished.reason,
+            "elapsed_s": round(finished.elapsed_s, 2), "tokens_seen": finished.tokens_seen,
+            "val_loss": finished.val_loss, "val_bits_per_byte": finished.val_bits_per_byte,
+            "best_val_loss": finished.best_val_loss, **extra}
+
+
+def report_finished(run_dir: Path, finished, json_out: bool, extra: dict) -> None:
+    """Final lines of `train`/`resume`: the run, its val loss and bpb, and what to type next."""
+    from tfkit.train.events import _fmt_time
+
+    name = run_dir.name
+    val = f"val loss {finished.val_loss:.4f}" if finished.val_loss is not None else "no evaluation"
+    bpb = f", {finished.val_bits_per_byte:.4f} bits/byte" if finished.val_bits_per_byte is not None else ""
+    info(f"[bold]run {name}[/bold]: step {finished.step} ({finished.reason}) in {_fmt_time(finished.elapsed_s)}; {val}{bpb}")
+    info(f"saved in {run_dir}")
+    info(f"try it: tfkit generate {name} --prompt \"ROMEO:\"")
+    if json_out:
+        print_json(_summary(run_dir, finished, extra))
+    if finished.reason in ("sigterm", "interrupted"):
+        info(f"stopped early; continue with: tfkit resume {name}")
+        raise typer.Exit(143 if finished.reason == "sigterm" else 130)
+
+
+def command(
+    config_file: ConfigFileOpt = None,
+    preset: PresetOpt = None,
+    train_data: Annotated[Optional[Path], typer.Option("--train-data", help="Prepared token file to train on (`tfkit prepare`). Default: bundled Shakespeare.")] = None,
+    val_data: Annotated[Optional[Path], typer.Option("--val-data", help="Prepared token file for validation. Default: hold out the end of the train data.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="tokenizer.json that made the token files (needed for bits/byte and `generate`).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Run name (folder under the data dir). Default: ARCH-PRESET-TIMESTAMP.")] = None,
+    overrides: SetOpt = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps to train (sets train.max_steps).")] = None,
+    max_time: Annotated[Optional[str], typer.Option("--max-time", help="Wall-clock budget such as 90s, 5m, 2h (sets train.max_time).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a language model, with a live dashboard.
+
+    With no data options it trains on the bundled complete works of Shakespeare: a BPE tokenizer
+    and the token files are made once and cached. `--preset auto` picks the model size, precision
+    and attention kernel for this machine and says why.
+
+    Examples:
+
+      tfkit train --preset auto
+
+      tfkit train --preset nano --train-data corpus.train.bin --val-data corpus.val.bin --tokenizer tokenizer.json --max-steps 500
+
+      tfkit train -c tfkit.yaml --set optim.lr=3e-4 --name my-run
+    """
+    from tfkit import config as config_mod
+    from tfkit import hardware
+
+    sets = list(overrides or [])
+    for key, value in (("data.train", train_data), ("data.val", val_data), ("data.tokenizer", tokenizer),
+                       ("train.max_steps", max_steps), ("train.max_time", max_time)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+
+    hw = hardware.detect()
+    chosen = preset
+    if preset == "auto":
+        base = config_mod.load(config_file, None, sets)
+        runtime = hardware.resolve(base.system, hw)
+        choice = hardware.choose_preset(hw, runtime)
+        chosen = choice.name
+        info(f"preset: [bold]{choice.name}[/bold] (memory estimate {choice.estimate_bytes / 2**30:.2f} GiB of "
+             f"{choice.budget_bytes / 2**30:.1f} GiB budget) - {choice.reason}")
+    cfg = config_mod.load(config_file, chosen, sets)
+    runtime = hardware.resolve(cfg.system, hw)
+    for key in ("device", "precision", "attention", "compile"):
+        info(f"{key}: [bold]{getattr(runtime, key)}[/bold] - {runtime.reasons.get(key, '')}")
+
+    from tfkit.train.setup import default_run_name, new_run, resolve_data
+
+    if cfg.data.train is None:
+        info("data: bundled Shakespeare (complete works); tokenizer and token files are cached after the first run")
+    with progress_bar("preparing the bundled corpus", None) as advance:
+        cfg = resolve_data(cfg, on_status=lambda s: info(s), on_progress=advance)
+    if not cfg.data.tokenizer:
+        warn("no tokenizer given: bits per byte and `tfkit generate` need one (`--tokenizer tokenizer.json`)")
+    run_dir = new_run(cfg, name or default_run_name(cfg, chosen), chosen)
+
+    from tfkit.cli.dashboard import Dashboard
+    from tfkit.train import checkpoint as ckpt_mod
+    from tfkit.train.loop import TrainJob, run
+
+    job = TrainJob(cfg=cfg, runtime=runtime, run_dir=run_dir, peak_flops=hardware.peak_flops(hw, runtime))
+    with ckpt_mod.run_lock(run_dir), Dashboard() as dash:
+        finished = run(job, on_event=dash)
+    report_finished(run_dir, finished, json_out, {"preset": chosen, "device": runtime.device,
+                                                 "precision": runtime.precision})

@@ -1,0 +1,456 @@
+"""Every config model tfkit has, and the one way to build a config: :func:`load`.
+
+Precedence, lowest first: field defaults, a preset (``presets/<name>.yaml``), a YAML file,
+``--set key=value`` overrides. Every field carries a ``description`` that ``--help`` and
+``tfkit config init`` show. Unknown keys are rejected with the closest valid key.
+
+Imports pydantic, PyYAML and the standard library only, so commands that need no model start fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tfkit.errors import ConfigError
+from tfkit.paths import presets_dir
+
+ARCHS = ("llama",)
+"""Values of ``model.arch`` that the model registry implements."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Shape of the decoder. Field names follow the field's standard terms."""
+
+    arch: Literal["llama"] = Field("llama", description="Model variant: llama (RoPE, RMSNorm, GQA, SwiGLU decoder).")
+    vocab_size: Optional[int] = Field(
+        None, ge=2, description="Vocabulary size; empty = follow the tokenizer, rounded up to a multiple of 64."
+    )
+    d_model: int = Field(256, ge=8, description="Width of the residual stream (hidden size).")
+    n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_heads: int = Field(4, ge=1, description="Attention query heads; d_model must divide by it.")
+    n_kv_heads: Optional[int] = Field(
+        None, ge=1, description="Key/value heads for grouped-query attention; empty = n_heads (plain multi-head)."
+    )
+    d_ff: Optional[int] = Field(
+        None, ge=1, description="Hidden width of the feed-forward block; empty = 8/3 * d_model rounded up to 64."
+    )
+    context_length: int = Field(256, ge=2, description="Longest sequence the model sees, in tokens.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (theta).")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of every RMSNorm.")
+    ffn: Literal["swiglu", "geglu"] = Field("swiglu", description="Feed-forward gate: swiglu (SiLU) or geglu (GELU).")
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys before RoPE (OLMo 2 / Qwen3 style).")
+    init_std: float = Field(
+        0.02, gt=0, description="Std of weight init; residual output projections use init_std/sqrt(2*n_layers)."
+    )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """``n_kv_heads`` resolved (``n_heads`` when unset)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """``d_ff`` resolved: 8/3 * d_model rounded up to a multiple of 64 when unset."""
+        if self.d_ff:
+            return self.d_ff
+        return int(math.ceil(8 * self.d_model / 3 / 64) * 64)
+
+
+class DataConfig(_Section):
+    """Where the training data comes from. Empty paths mean the bundled Shakespeare corpus."""
+
+    train: Optional[str] = Field(None, description="Prepared token file for training (`tfkit prepare`); empty = bundled corpus.")
+    val: Optional[str] = Field(
+        None, description="Prepared token file for validation; empty = hold out the end of the train file."
+    )
+    tokenizer: Optional[str] = Field(None, description="tokenizer.json that made the token files (`tfkit tokenize`).")
+    val_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Share of train tokens held out for validation when no val file is given."
+    )
+    default_vocab_size: int = Field(4096, ge=300, description="Vocab size of the tokenizer trained for the bundled corpus.")
+
+
+class OptimConfig(_Section):
+    """AdamW and the learning-rate schedule (warmup, then the chosen decay)."""
+
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate, reached at the end of warmup.")
+    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
+    warmup_steps: int = Field(100, ge=0, description="Optimizer steps of linear warmup from 0 to lr.")
+    schedule: Literal["cosine", "cosine_restarts", "constant"] = Field(
+        "cosine", description="Decay after warmup: cosine, cosine_restarts or constant."
+    )
+    restarts: int = Field(3, ge=1, description="Number of cosine cycles for schedule=cosine_restarts.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only; not norms or biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient L2 norm to this; 0 = no clipping.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must lie in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
+        return self
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(value: Any) -> Optional[float]:
+    """Seconds in a duration such as ``90``, ``90s``, ``5m``, ``2h``, ``1h30m``; ``None`` stays ``None``.
+
+    Raises:
+        ValueError: the text is not a duration.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("must be positive")
+        return float(value)
+    text = str(value).strip().lower()
+    m = _DURATION.match(text)
+    if not text or not m or not any(m.groups()):
+        raise ValueError(f"{value!r} is not a duration; use e.g. 90s, 5m, 2h or 1h30m")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    seconds = h * 3600 + mi * 60 + s
+    if seconds <= 0:
+        raise ValueError("must be positive")
+    return seconds
+
+
+class TrainConfig(_Section):
+    """The training loop: batch, length, evaluation and checkpoints."""
+
+    batch_size: int = Field(16, ge=1, description="Micro-batch size in sequences.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps to train for.")
+    max_time: Optional[str] = Field(
+        None,
+        description="Wall-clock budget (90s, 5m, 2h); the schedule is fitted to it and training stops when it runs out.",
+    )
+    log_interval: int = Field(10, ge=1, description="Steps between log lines / metrics records.")
+    eval_interval: int = Field(250, ge=0, description="Steps between evaluations; 0 = only at the end.")
+    eval_steps: int = Field(20, ge=1, description="Batches per evaluation.")
+    ckpt_interval: int = Field(500, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    keep_last: int = Field(2, ge=1, description="Newest checkpoints kept (the best by val loss is kept as well).")
+
+    @field_validator("max_time")
+    @classmethod
+    def _valid_duration(cls, v: Optional[str]) -> Optional[str]:
+        parse_duration(v)
+        return None if v in (None, "") else str(v)
+
+    @property
+    def max_time_s(self) -> Optional[float]:
+        """``max_time`` in seconds (``None`` when unset)."""
+        return parse_duration(self.max_time)
+
+
+class SystemConfig(_Section):
+    """Hardware choices; `auto` lets `tfkit.hardware` decide and say why."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device: auto, cpu, cuda or mps.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Numeric precision: auto, fp32, bf16 (autocast) or fp16 (autocast + grad scaler)."
+    )
+    compile: Literal["auto", "true", "false"] = Field("auto", description="torch.compile the model: auto, true or false.")
+    attention: Literal["auto", "sdpa", "flash", "eager"] = Field(
+        "auto", description="Attention kernel: auto, sdpa (PyTorch), flash (flash-attn) or eager (reference)."
+    )
+    seed: int = Field(0, ge=0, description="Random seed for init, data order and dropout.")
+    grad_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _bool_to_text(cls, v: Any) -> Any:
+        return str(v).lower() if isinstance(v, bool) else v
+
+
+class RunConfig(_Section):
+    """A whole run: model, data, optimizer, training loop and system."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model architecture.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and learning-rate schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    system: SystemConfig = Field(default_factory=SystemConfig, description="Device, precision and kernels.")
+
+    def fingerprint(self) -> str:
+        """Short SHA-256 of the resolved config (JSON), to tell whether two runs agree."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``presets/`` (without ``.yaml``), sorted by size."""
+    order = ["nano", "tiny", "small", "medium", "large", "xl"]
+    names = [p.stem for p in presets_dir().glob("*.yaml")]
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The nested dict a preset sets.
+
+    Raises:
+        ConfigError: no preset of that name.
+    """
+    path = presets_dir() / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, list_presets(), n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise ConfigError(
+            f"unknown preset {name!r}",
+            f"{hint}presets: {', '.join(list_presets() + ['auto'])}",
+        )
+    return _read_yaml(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file `{path}` does not exist", "check the path, or write one with `tfkit config init`")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"`{path}`: {problem}{where}", "fix the YAML syntax, or regenerate with `tfkit config init`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config `{path}`: {exc}", "check the file's permissions and encoding") from None
+    if data is None:
+        raise ConfigError(f"config file `{path}` is empty", "write a config with `tfkit config init --force`")
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{path}` must hold a mapping of sections (model:, train:, ...), not {type(data).__name__}",
+                          "see `tfkit config init` for the layout")
+    return data
+
+
+def field_paths(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted field path of a config model, sections included (``model``, ``model.d_model``...)."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(field_paths(ann, path + "."))
+    return out
+
+
+def _suggest(path: str) -> str:
+    close = difflib.get_close_matches(path, field_paths(), n=1, cutoff=0.5)
+    if not close:
+        leaf = path.rsplit(".", 1)[-1]
+        close = [p for p in field_paths() if p.rsplit(".", 1)[-1] == leaf][:1]
+    return f"did you mean `{close[0]}`?" if close else "run `tfkit config init` to see every valid key"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into its path and a YAML-typed value (``1e-3`` -> float).
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value", "write e.g. `--set optim.lr=3e-4`")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key", "write e.g. `--set optim.lr=3e-4`")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig` from a nested dict.
+
+    Raises:
+        ConfigError: naming each bad dotted field, its value and the problem, with a suggestion
+            for unknown keys.
+    """
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems, hint = [], "run `tfkit config init` to see every field with its description"
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key `{loc}`")
+                hint = _suggest(loc)
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                value = err.get("input")
+                shown = "" if isinstance(value, dict) else f" = {value!r}"
+                problems.append(f"`{loc}`{shown}: {msg}" if loc else msg)
+        raise ConfigError(f"{source}: " + "; ".join(problems), hint) from None
+
+
+def load(file: Optional[str | Path] = None, preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Resolve a config: defaults < preset < file < ``--set`` overrides.
+
+    Args:
+        file: a YAML config (``tfkit config init`` writes one).
+        preset: a preset name from :func:`list_presets` (``auto`` must be resolved by the caller).
+        overrides: ``section.key=value`` strings, typed like YAML.
+
+    Raises:
+        ConfigError: unknown preset, unreadable/malformed YAML, unknown key or invalid value.
+    """
+    data: dict[str, Any] = {}
+    source = "config"
+    if preset:
+        data = _merge(data, preset_dict(preset))
+        source = f"preset `{preset}`"
+    if file:
+        data = _merge(data, _read_yaml(Path(file)))
+        source = f"`{file}`"
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if ".".join(keys) not in field_paths():
+            raise ConfigError(f"unknown key `{'.'.join(keys)}` in --set {text!r}", _suggest(".".join(keys)))
+        _set_path(data, keys, value)
+        source = "--set overrides" if not file else f"`{file}` with --set overrides"
+    return validate(data, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates (pure arithmetic, used by --preset auto and the dashboard)
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """A tokenizer's vocab size rounded up to a multiple of 64 (for matmul efficiency)."""
+    return int(math.ceil(vocab_size / 64) * 64)
+
+
+def count_params(m: ModelConfig, vocab_size: Optional[int] = None) -> int:
+    """Parameters of a llama-style model of this shape (embedding counted once when tied)."""
+    v = m.vocab_size or vocab_size or 4096
+    d, hd = m.d_model, m.head_dim
+    attn = d * (m.n_heads * hd) + 2 * d * (m.kv_heads * hd) + (m.n_heads * hd) * d
+    ffn = 3 * d * m.ffn_dim
+    norms = 2 * d + (2 * hd if m.qk_norm else 0)
+    emb = v * d * (1 if m.tie_embeddings else 2)
+    return m.n_layers * (attn + ffn + norms) + emb + d
+
+
+def flops_per_token(m: ModelConfig, vocab_size: Optional[int] = None) -> float:
+    """Training FLOPs per token: 6*N (matmul weights, head included) + 12*L*d*T attention (PaLM, arXiv 2204.02311)."""
+    v = m.vocab_size or vocab_size or 4096
+    n = count_params(m, v) - v * m.d_model * (1 if m.tie_embeddings else 2) + v * m.d_model
+    return 6.0 * n + 12.0 * m.n_layers * m.d_model * m.context_length
+
+
+def estimate_train_memory(cfg: RunConfig, bytes_per_activation: int = 4, vocab_size: Optional[int] = None) -> dict[str, int]:
+    """Rough bytes needed to train: fp32 weights, grads, AdamW moments and activations at the micro-batch.
+
+    Activations follow Korthikanti et al. (arXiv 2205.05198) without recomputation:
+    ``T*B*d*(34 + 5*h*T/d)`` bytes per layer at 2-byte activations, scaled by
+    ``bytes_per_activation/2``, plus the logits.
+    """
+    m, t = cfg.model, cfg.train
+    v = m.vocab_size or vocab_size or 4096
+    n = count_params(m, v)
+    weights, grads, adam = 4 * n, 4 * n, 8 * n
+    b, T, d, h = t.batch_size, m.context_length, m.d_model, m.n_heads
+    per_layer = T * b * d * (34 + 5 * h * T / d) * bytes_per_activation / 2
+    if cfg.system.grad_checkpointing:
+        per_layer = T * b * d * bytes_per_activation
+    logits = 2 * b * T * v * 4
+    acts = int(m.n_layers * per_layer + logits)
+    return {"params": n, "weights": weights, "grads": grads, "optimizer": adam, "activations": acts,
+            "total": weights + grads + adam + acts}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
+
+
+def to_yaml(cfg: RunConfig, header: str = "") -> str:
+    """The config as YAML, every field preceded by its description as a comment.
+
+    The text loads back to an equal config with :func:`load`.
+    """
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for sec_name, sec_info in RunConfig.model_fields.items():
+        section = getattr(cfg, sec_name)
+        if lines:
+            lines.append("")
+        lines.append(f"# {sec_info.description}")
+        lines.append(f"{sec_name}:")
+        for name, info in type(section).model_fields.items():
+            lines.append(f"  # {info.description}")
+            lines.append(f"  {name}: {_yaml_scalar(getattr(section, name))}".rstrip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,43 @@
+"""Model variants and the one way to build one: :func:`build_model`.
+
+``REGISTRY`` is an explicit dict from ``model.arch`` to the model class; adding a variant is
+one config class, one model file and one line here. A test walks every entry.
+"""
+
+from __future__ import annotations
+
+from tfkit.config import ModelConfig
+from tfkit.errors import ConfigError
+from tfkit.models.base import LanguageModel, ModelOutput
+from tfkit.models.layers import ATTENTION_BACKENDS, KVCache
+from tfkit.models.llama import Llama
+
+REGISTRY: dict[str, type] = {
+    "llama": Llama,
+}
+"""``model.arch`` -> model class (each a :class:`~tfkit.models.base.LanguageModel`)."""
+
+__all__ = ["REGISTRY", "build_model", "LanguageModel", "ModelOutput", "KVCache", "Llama"]
+
+
+def build_model(cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False) -> LanguageModel:
+    """Build the model ``cfg.arch`` names, freshly initialised on the CPU in fp32.
+
+    Args:
+        cfg: the model section of a resolved config; ``vocab_size`` must be set.
+        attention: resolved backend, ``"sdpa"``, ``"flash"`` or ``"eager"`` (``tfkit.hardware``
+            turns ``auto`` into one of these).
+        grad_checkpointing: recompute block activations in backward (training only).
+
+    Raises:
+        ConfigError: ``vocab_size`` unset, unknown arch, or unknown attention backend.
+    """
+    if cfg.vocab_size is None:
+        raise ConfigError("`model.vocab_size` is not set", "set model.vocab_size or give a tokenizer")
+    if cfg.arch not in REGISTRY:
+        raise ConfigError(f"unknown model.arch {cfg.arch!r}", f"choose one of: {', '.join(REGISTRY)}")
+    if attention not in ATTENTION_BACKENDS:
+        raise ConfigError(
+            f"unknown attention backend {attention!r}", f"choose one of: {', '.join(ATTENTION_BACKENDS)}"
+        )
+    return REGISTRY[cfg.arch](cfg, attention=attention, grad_checkpointing=grad_checkpointing)

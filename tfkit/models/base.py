@@ -1,0 +1,182 @@
+"""The interface every tfkit model variant provides, and the output type of its forward pass.
+
+The training loop never branches on the variant: a variant folds its extra loss terms into
+:class:`ModelOutput` (``loss`` plus named ``parts``, and ``stats``) and the loop logs whatever
+it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from tfkit.config import ModelConfig
+from tfkit.errors import CheckpointError
+from tfkit.models.layers import KVCache
+
+
+@dataclass
+class ModelOutput:
+    """What a model's forward returns.
+
+    Attributes:
+        logits: (B, T, V) next-token scores, in the compute dtype.
+        loss: scalar the optimizer minimises, or None without targets. For llama it is the
+            mean cross-entropy over non-ignored targets in nats/token, computed in fp32.
+        parts: named loss terms as detached fp32 scalars; at least ``"ce"`` (nats/token) when
+            targets are given.
+        stats: variant statistics as plain floats (router capacity, KL, ...); empty for llama.
+    """
+
+    logits: Tensor
+    loss: Optional[Tensor] = None
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class LanguageModel(nn.Module):
+    """Common interface of every decoder-only variant (see ``tfkit.models.REGISTRY``).
+
+    Subclasses set ``config`` (their :class:`~tfkit.config.ModelConfig`) and ``context_length``
+    (tokens), name their token embedding ``embed`` and implement :meth:`forward` and
+    :meth:`new_cache`.
+
+    Checkpoints: :meth:`state_dict_for_save` gives a dict that ``safetensors.torch.save_file``
+    accepts (one key per storage: with tied embeddings only ``embed.weight`` exists, there is no
+    ``head.weight``), and :meth:`load_state_dict_from_save` loads it back strictly.
+    """
+
+    config: ModelConfig
+    context_length: int
+
+    def forward(self, ids: Tensor, targets: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> ModelOutput:
+        """Next-token logits, and the loss when targets are given.
+
+        Args:
+            ids: (B, T) int64 token ids.
+            targets: (B, T) int64 next-token ids; -1 marks positions to ignore.
+            cache: when given, positions continue from ``cache.length`` and the cache is
+                extended in place by T.
+
+        Returns:
+            :class:`ModelOutput` with logits (B, T, V).
+
+        Raises:
+            ValueError: bad shapes, or the cache has no room for T more tokens.
+        """
+        raise NotImplementedError
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: Optional[int] = None,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> KVCache:
+        """An empty :class:`KVCache` for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        raise NotImplementedError
+
+    # -- shared helpers -----------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters, shared storage counted once.
+
+        Args:
+            non_embedding: leave out the token embedding table ``embed.*`` (with a tied head
+                this also leaves out the head, which is the same matrix).
+        """
+        seen: set[int] = set()
+        total = 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (non_embedding and name.startswith("embed.")):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def flops_per_token(self, context_length: Optional[int] = None) -> float:
+        """Training FLOPs per token: ``6N + 12 L d T`` (PaLM, arXiv 2204.02311, appendix B).
+
+        N counts the weights used in matmuls: every parameter but the embedding lookup, plus
+        the head (counted even when tied to the embedding). T defaults to ``context_length``.
+        Forward + backward; multiply by tokens/s to get FLOP/s for MFU.
+        """
+        cfg = self.config
+        t = self.context_length if context_length is None else context_length
+        n = self.num_params(non_embedding=True)
+        if cfg.tie_embeddings:
+            n += self.embed.weight.numel()
+        return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * t
+
+    def _aliases(self) -> dict[str, str]:
+        """State-dict keys that name the same tensor as an earlier key -> that earlier key."""
+        first: dict[tuple, str] = {}
+        out: dict[str, str] = {}
+        for name, t in self.state_dict(keep_vars=True).items():
+            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else (name,)
+            if key in first:
+                out[name] = first[key]
+            else:
+                first[key] = name
+        return out
+
+    def state_dict_for_save(self) -> dict[str, Tensor]:
+        """Parameters (and persistent buffers) as detached, contiguous tensors keyed by name.
+
+        A tensor reachable under two names is saved under the first only, and any other
+        tensor sharing storage is copied, so ``safetensors.torch.save_file`` accepts the dict.
+        Llama with tied embeddings has a single key anyway (``embed.weight``, no ``head.weight``).
+        """
+        aliases = self._aliases()
+        out: dict[str, Tensor] = {}
+        storages: set[int] = set()
+        for name, t in self.state_dict().items():
+            if name in aliases:
+                continue
+            t = t.detach()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+            if ptr is not None and ptr in storages:
+                t = t.clone()
+            elif ptr is not None:
+                storages.add(ptr)
+            out[name] = t.contiguous()
+        return out
+
+    def load_state_dict_from_save(self, tensors: dict[str, Tensor]) -> None:
+        """Load what :meth:`state_dict_for_save` produced (e.g. from ``safetensors.torch.load_file``).
+
+        Strict: every key must match by name and shape (aliases of a saved tensor may be
+        absent). Values are copied into the existing parameters, so tied weights stay tied.
+
+        Raises:
+            CheckpointError: missing, unexpected or mis-shaped tensors (naming the first few).
+        """
+        own = self.state_dict()
+        aliases = self._aliases()
+        missing = sorted(k for k in set(own) - set(tensors) if k not in aliases)
+        unexpected = sorted(set(tensors) - set(own))
+        shapes = [f"{k} {tuple(tensors[k].shape)} != {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
+
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+        problems = []
+        if missing:
+            problems.append(f"missing {few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {few(unexpected)}")
+        if shapes:
+            problems.append("shape mismatch " + "; ".join(shapes[:3]) + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""))
+        if problems:
+            raise CheckpointError(
+                "model weights do not fit this model: " + "; ".join(problems),
+                "load the checkpoint with the config it was trained with (the run's `config.yaml`)",
+            )
+        full = dict(tensors)
+        for alias, target in aliases.items():
+            full.setdefault(alias, tensors[target])
+        self.load_state_dict(full, strict=True)

@@ -1,0 +1,400 @@
+"""Shared building blocks of every tfkit decoder: RMSNorm, RoPE, attention, gated FFN, Block, KVCache.
+
+Variants compose these layers; none subclasses another. Every ``nn.Linear`` is bias-free.
+
+Notation: B batch, T new tokens in this call, S = past + T keys visible, d = d_model,
+H query heads, H_kv key/value heads, D = head_dim = d/H, F = ffn hidden width.
+
+The attention backend arrives as a resolved string (``"sdpa"``, ``"flash"`` or ``"eager"``);
+``tfkit.hardware`` decides which one a run may use, this module never probes the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfkit.config import ModelConfig
+
+ATTENTION_BACKENDS = ("sdpa", "flash", "eager")
+"""Values accepted for the ``attention`` constructor argument."""
+
+
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):  # pragma: no cover - exotic dev builds
+        return 0, 0
+
+
+SDPA_SUPPORTS_GQA = _torch_version() >= (2, 5)
+"""``F.scaled_dot_product_attention(..., enable_gqa=True)`` exists (torch >= 2.5).
+
+When False, K/V heads are repeated with ``repeat_interleave`` before the call. Tests flip this
+module attribute to check that both paths agree."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm: ``x / sqrt(mean(x**2) + eps) * g`` over the last dim.
+
+    Computed in fp32 and cast back to the input dtype; the gain ``g`` starts at 1 and there is
+    no bias or mean subtraction. Zhang & Sennrich, "Root Mean Square Layer Normalization",
+    arXiv 1910.07467.
+
+    Args:
+        dim: size of the last dimension (d_model, or head_dim for QK-norm).
+        eps: added to the mean square before the square root.
+
+    Shapes:
+        x (..., dim) -> (..., dim), same dtype as x.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # (dim,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()  # (..., dim) fp32
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., dim)
+        return (xf * self.weight.float()).to(x.dtype)  # (..., dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables; rotates consecutive pairs ``(x[2k], x[2k+1])`` of each head.
+
+    Pair k of a token at position p turns by the angle ``p * theta**(-2k/D)`` (k = 0..D/2-1).
+    Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", arXiv 2104.09864.
+
+    ``cos``/``sin`` are non-persistent fp32 buffers of shape (max_len, D/2), built for
+    ``context_length`` positions and rebuilt (at least doubled) on demand when a call asks for
+    positions beyond them, so cached decoding may run past ``context_length``. They are also
+    rebuilt in fp32 if ``model.to(dtype)`` has cast them.
+
+    Args:
+        head_dim: D, even.
+        context_length: positions to precompute.
+        theta: base frequency (10000 in RoFormer and Llama).
+
+    Raises:
+        ValueError: head_dim is odd.
+    """
+
+    def __init__(self, head_dim: int, context_length: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        cos, sin = self._tables(context_length, device=None)
+        self.register_buffer("cos", cos, persistent=False)  # (max_len, D/2)
+        self.register_buffer("sin", sin, persistent=False)  # (max_len, D/2)
+
+    def _tables(self, length: int, device: Optional[torch.device]) -> tuple[Tensor, Tensor]:
+        k = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device)  # (D/2,) = 2k
+        inv_freq = self.theta ** (-k / self.head_dim)  # (D/2,)
+        pos = torch.arange(length, dtype=torch.float64, device=device)  # (max_len,)
+        angles = torch.outer(pos, inv_freq)  # (max_len, D/2)
+        return angles.cos().float(), angles.sin().float()
+
+    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin for positions ``start .. start+length-1``, each (length, D/2) fp32."""
+        end = start + length
+        if end > self.cos.shape[0] or self.cos.dtype != torch.float32:
+            new_len = max(end, self.cos.shape[0] * (2 if end > self.cos.shape[0] else 1))
+            self.cos, self.sin = self._tables(new_len, device=self.cos.device)
+        return self.cos[start:end], self.sin[start:end]  # (T, D/2), (T, D/2)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}, cached={self.cos.shape[0]}"
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of the last dim of ``x`` by the RoPE angles (arXiv 2104.09864).
+
+    Computed in fp32 and cast back to ``x.dtype``.
+
+    Shapes:
+        x (B, H, T, D); cos, sin (T, D/2) -> (B, H, T, D).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, H, T, D/2) each
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, H, T, D/2, 2)
+    return out.flatten(-2).to(x.dtype)  # (B, H, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key/value cache
+
+
+class KVCache:
+    """Preallocated post-RoPE keys and values of every layer, for incremental decoding.
+
+    Each layer owns ``k[i]``, ``v[i]`` of shape (B, H_kv, max_len, D). ``length`` counts the
+    positions already written (the next token's position). A forward call writes its T new
+    positions into every layer at ``length .. length+T-1`` and then calls :meth:`advance` once.
+    GQA shrinks the cache H/H_kv-fold compared with multi-head attention.
+
+    Args:
+        n_layers, batch_size, n_kv_heads, max_len, head_dim: the tensor shapes above.
+        device, dtype: of the buffers (the attention casts them to the query dtype when read).
+
+    Raises:
+        ValueError: a size is not positive (constructor); a write would pass ``max_len``
+            (:meth:`check_room`); the batch size differs from the cache's.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("max_len", max_len)):
+            if value < 1:
+                raise ValueError(f"KVCache {name} must be >= 1, got {value}")
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]  # (B, H_kv, max_len, D)
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]  # (B, H_kv, max_len, D)
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+
+    def check_room(self, batch_size: int, new_tokens: int) -> None:
+        """Raise ValueError unless ``new_tokens`` more positions of this batch size fit."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"KVCache was made for batch size {self.batch_size}, got a batch of {batch_size}")
+        if self.length + new_tokens > self.max_len:
+            raise ValueError(
+                f"KVCache full: {self.length} cached + {new_tokens} new tokens > max_len={self.max_len}; "
+                "make a larger cache with `model.new_cache(batch_size, max_len)` or call `cache.reset()`"
+            )
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this layer's new keys/values at ``length..`` and return all keys/values so far.
+
+        Shapes:
+            k, v (B, H_kv, T, D) -> (B, H_kv, length+T, D) each (views into the cache).
+        """
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H_kv, S, D) each
+
+    def advance(self, new_tokens: int) -> None:
+        """Mark ``new_tokens`` more positions as written (once per forward, after every layer)."""
+        self.length += new_tokens
+
+    def reset(self) -> None:
+        """Forget every cached position (buffers are kept and overwritten)."""
+        self.length = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def _causal_mask(t: int, s: int, device: torch.device) -> Tensor:
+    """Boolean (T, S) mask, True = may attend: query i (at position S-T+i) sees keys j <= S-T+i."""
+    past = s - t
+    rows = torch.arange(t, device=device).unsqueeze(1) + past  # (T, 1)
+    cols = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
+    return cols <= rows  # (T, S)
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Reference causal attention ``softmax(q k^T / sqrt(D)) v`` (Vaswani et al., arXiv 1706.03762).
+
+    K/V heads are repeated (``repeat_interleave``) to the query heads; the softmax runs in fp32.
+    The T queries are the last T of the S positions (bottom-right causal alignment).
+
+    Shapes:
+        q (B, H, T, D); k, v (B, H_kv, S, D) -> (B, H, T, D).
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    mask = _causal_mask(q.shape[2], k.shape[2], q.device)  # (T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+    probs = scores.softmax(dim=-1)  # (B, H, T, S)
+    return (probs @ v.float()).to(q.dtype)  # (B, H, T, D)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Full sequences (T == S) use ``is_causal=True``; one new token after a cache needs no mask;
+    several new tokens after a cache get an explicit (T, S) mask offset by the cache length
+    (``is_causal`` would align top-left). GQA uses ``enable_gqa=True`` when torch supports it
+    (>= 2.5), otherwise K/V heads are repeated.
+
+    Shapes:
+        q (B, H, T, D); k, v (B, H_kv, S, D) -> (B, H, T, D).
+    """
+    t, s = q.shape[2], k.shape[2]
+    kwargs: dict = {}
+    if q.shape[1] != k.shape[1]:
+        if SDPA_SUPPORTS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+    if t == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)  # (B, H, T, D)
+    if t == 1:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)  # (B, H, 1, D)
+    mask = _causal_mask(t, s, q.device)  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)  # (B, H, T, D)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention through ``flash_attn.flash_attn_func`` (Dao, FlashAttention-2, arXiv 2307.08691).
+
+    CUDA with bf16/fp16 only; ``tfkit.hardware`` selects this backend only where flash-attn is
+    installed. flash-attn >= 2.1 aligns the causal mask bottom-right when T < S, which is what
+    cached decoding needs, and handles GQA natively.
+
+    Shapes:
+        q (B, H, T, D); k, v (B, H_kv, S, D) -> (B, H, T, D).
+
+    Raises:
+        ValueError: q is not bf16/fp16.
+        ImportError: flash-attn is not installed.
+    """
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"attention=flash needs bf16 or fp16 activations, got {q.dtype}; use precision bf16/fp16 or attention=sdpa")
+    from flash_attn import flash_attn_func  # lazy: optional dependency
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (B, T, H, D)
+    return out.transpose(1, 2)  # (B, H, T, D)
+
+
+_BACKENDS = {"sdpa": sdpa_attention, "flash": flash_attention, "eager": eager_attention}
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE, optional QK-norm and a KV cache.
+
+    q = x Wq -> (B, H, T, D); k, v = x Wk, x Wv -> (B, H_kv, T, D); each group of H/H_kv query
+    heads shares one K/V head (GQA, Ainslie et al., arXiv 2305.13245; H_kv = H is multi-head
+    attention). With ``qk_norm`` an RMSNorm over D is applied to q and k before RoPE (OLMo 2,
+    arXiv 2501.00656). The cache stores post-RoPE K and V.
+
+    Parameters: ``wq`` (H*D, d), ``wk``/``wv`` (H_kv*D, d), ``wo`` (d, H*D), and with qk_norm
+    ``q_norm``/``k_norm`` (D,).
+
+    Args:
+        cfg: model shape (d_model, n_heads, kv_heads, head_dim, qk_norm, norm_eps).
+        layer: index of the layer (selects this layer's slot in a KVCache).
+        attention: backend, one of :data:`ATTENTION_BACKENDS`.
+
+    Raises:
+        ValueError: unknown attention backend.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0, attention: str = "sdpa") -> None:
+        super().__init__()
+        if attention not in _BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        self.layer = layer
+        self.backend = attention
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        d, hd = cfg.d_model, cfg.head_dim
+        self.wq = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """x (B, T, d); cos, sin (T, D/2) for positions cache.length.. (or 0..) -> (B, T, d)."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, D), (B, H_kv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D), (B, H_kv, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H_kv, S, D) each
+            k, v = k.to(q.dtype), v.to(q.dtype)  # (B, H_kv, S, D) each
+        y = _BACKENDS[self.backend](q, k, v)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.wo(y)  # (B, T, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward and block
+
+
+class FeedForward(nn.Module):
+    """Gated feed-forward ``W2(act(W1 x) * W3 x)`` (Shazeer, "GLU Variants Improve Transformer", arXiv 2002.05202).
+
+    ``swiglu`` uses SiLU, ``geglu`` exact (erf) GELU. Parameters ``w1``, ``w3`` (F, d), ``w2`` (d, F).
+
+    Shapes:
+        x (B, T, d) -> (B, T, d).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+
+    def __init__(self, d_model: int, hidden: int, kind: str = "swiglu") -> None:
+        super().__init__()
+        if kind not in ("swiglu", "geglu"):
+            raise ValueError(f"unknown ffn {kind!r}; choose swiglu or geglu")
+        self.kind = kind
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.w1(x)  # (B, T, F)
+        gate = F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="none")  # (B, T, F)
+        return self.w2(gate * self.w3(x))  # (B, T, d)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: ``u = x + attn(norm(x))``, ``x' = u + ffn(norm(u))``.
+
+    Submodules ``attn_norm``, ``attn``, ``ffn_norm``, ``ffn`` (stable parameter names for
+    checkpoints, e.g. ``blocks.0.attn.wq.weight``).
+
+    Shapes:
+        x (B, T, d); cos, sin (T, D/2) -> (B, T, d).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0, attention: str = "sdpa") -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer, attention)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.ffn)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        u = x + self.attn(self.attn_norm(x), cos, sin, cache)  # (B, T, d)
+        return u + self.ffn(self.ffn_norm(u))  # (B, T, d)
