@@ -35,10 +35,16 @@ def test_prepare_text_files(tok, tmp_path, play):
 def test_prepare_streams_long_files_with_one_eot(tok, tmp_path, play, monkeypatch):
     import tfkit.data.sources as sources
 
+    import tfkit.data.prepare as prepare_mod
+
     monkeypatch.setattr(sources, "PIECE_CHARS", 4096)  # many pieces, as for a multi-GB file
+    monkeypatch.setattr(prepare_mod, "SUB_CHARS", 1000)  # encoded in parts
     assert len(list(sources.iter_documents([play]))) > 20
     out = tmp_path / "c.bin"
+    chunks = list(prepare_mod.encode_documents(sources.iter_documents([play]), tok, batch_chars=8192))
+    assert len(chunks) > 10  # many batches, each bounded
     h = prepare([play], tok, out)
+    assert np.array_equal(np.concatenate(chunks), TokenFile.open(out).tokens.astype(np.int64))
     ids = TokenFile.open(out).tokens
     assert int(np.count_nonzero(ids == 0)) == 1 and int(ids[-1]) == 0 and h.n_documents == 1
     assert tok.decode(ids[:-1]) == play.read_text()  # pieces cut at newlines decode to the whole file
@@ -68,6 +74,23 @@ def test_failed_prepare_keeps_the_old_file(tok, tmp_path, play):
         prepare([play, bad], tok, out)
     assert out.read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["bad.jsonl", "c.bin"]
+
+
+def test_output_must_not_be_an_input(tok, tmp_path):
+    src = tmp_path / "text.txt"
+    src.write_text("precious text\n")
+    with pytest.raises(DataError, match="is one of the inputs"):
+        prepare([src], tok, src)
+    assert src.read_text() == "precious text\n"
+
+
+def test_parts_cut_after_newlines():
+    from tfkit.data.prepare import _parts
+
+    text = "ab\ncd\n" + "x" * 25 + "\nend"
+    parts = _parts(text, 10)
+    assert "".join(parts) == text and all(len(p) <= 10 for p in parts)
+    assert parts[:2] == ["ab\ncd\n", "xxxxxxxxxx"]
 
 
 def test_iter_token_chunks_matches_file(tok, tmp_path, play):

@@ -52,13 +52,10 @@ def command(
         if tok is None:
             raise DataError(f"run `{loaded.run_dir.name}` has no tokenizer.json, so it cannot read text",
                             "evaluate a prepared token file with `--data`")
-        from tfkit.data.sources import expand_inputs, iter_documents
+        from tfkit.data.prepare import iter_token_chunks
 
-        ids: list[int] = []
-        for doc in iter_documents(expand_inputs([str(text)])):
-            ids.extend(tok.encode(doc.text))
-            ids.append(tok.eot_id)
-        tokens = np.asarray(ids, dtype=np.int64)
+        chunks = list(iter_token_chunks([str(text)], tok))
+        tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
         source = str(text)
     elif data is not None:
         tf = TokenFile.open(data)

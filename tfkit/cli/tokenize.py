@@ -150,6 +150,8 @@ def command(
     from tfkit.data.sources import expand_inputs
 
     paths = expand_inputs(files)
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise DataError(f"`{out}` is one of the inputs", "choose another `--out`, e.g. tokenizer.json")
     start = time.perf_counter()
     with progress_bar("training tokenizer", sum(p.stat().st_size for p in paths)) as advance:
         tok = Tokenizer.train(paths, vocab_size, min_frequency=min_frequency, text_field=text_field, on_progress=advance)

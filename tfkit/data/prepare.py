@@ -18,16 +18,20 @@ import numpy as np
 from tfkit.data.sources import Document, expand_inputs, fingerprint, iter_documents
 from tfkit.data.tokenfile import TokenFileHeader, write_token_file
 from tfkit.data.tokenizer import Tokenizer
+from tfkit.errors import DataError
 
-BATCH_CHARS = 4 << 20
-"""Characters of text encoded per ``encode_batch`` call (bounds memory)."""
+BATCH_CHARS = 1 << 20
+"""Characters of text encoded per ``encode_batch`` call (bounds memory: about 130 MB per batch)."""
 BATCH_DOCS = 4096
-"""Most documents per ``encode_batch`` call."""
+"""Most texts per ``encode_batch`` call."""
+SUB_CHARS = 1 << 16
+"""Longer texts are cut (after a newline) into parts of at most this many characters, so a batch
+holds several parts that encode in parallel."""
 
 
 @dataclass
 class EncodeStats:
-    """Running totals filled in by :func:`iter_token_chunks`.
+    """Running totals filled in by :func:`encode_documents`.
 
     Attributes:
         n_tokens: ids produced, end-of-text ids included.
@@ -40,15 +44,34 @@ class EncodeStats:
     n_bytes: int = 0
 
 
+def _parts(text: str, size: int) -> list[str]:
+    """``text`` cut into parts of at most ``size`` characters, after a newline where there is one."""
+    if len(text) <= size:
+        return [text]
+    out, i, n = [], 0, len(text)
+    while i < n:
+        if n - i <= size:
+            out.append(text[i:])
+            break
+        j = text.rfind("\n", i, i + size)
+        j = j + 1 if j >= i else i + size
+        out.append(text[i:j])
+        i = j
+    return out
+
+
 def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Optional[EncodeStats] = None,
                      batch_chars: int = BATCH_CHARS) -> Iterator[np.ndarray]:
     """Encode documents in batches; yield int64 id arrays with ``eot_id`` after each final piece.
+
+    Long texts are encoded in parts of at most :data:`SUB_CHARS` characters cut after newlines
+    (decoding the ids still gives the exact text), so memory stays bounded by ``batch_chars``.
 
     Args:
         docs: documents or pieces (see :class:`tfkit.data.sources.Document`).
         tokenizer: the tokenizer.
         stats: totals updated as chunks are yielded.
-        batch_chars: characters per batch.
+        batch_chars: characters per ``encode_batch`` call.
 
     Yields:
         1-D ``np.int64`` arrays of ids, in document order.
@@ -56,15 +79,16 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
     stats = stats if stats is not None else EncodeStats()
     lengths = tokenizer.byte_lengths()
     eot = tokenizer.eot_id
-    batch: list[Document] = []
+    texts: list[str] = []
+    ends: list[bool] = []  # an end-of-text id follows texts[i]
     size = 0
 
     def flush() -> np.ndarray:
-        encoded = tokenizer.encode_batch([d.text for d in batch])
+        encoded = tokenizer.encode_batch(texts)
         pieces: list[list[int]] = []
-        for doc, ids in zip(batch, encoded):
+        for ids, end in zip(encoded, ends):
             pieces.append(ids)
-            if doc.final:
+            if end:
                 pieces.append([eot])
                 stats.n_documents += 1
         total = sum(len(p) for p in pieces)
@@ -76,12 +100,15 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
     for doc in docs:
         if not doc.text and not doc.final:
             continue
-        batch.append(doc)
-        size += len(doc.text)
-        if size >= batch_chars or len(batch) >= BATCH_DOCS:
-            yield flush()
-            batch, size = [], 0
-    if batch:
+        parts = _parts(doc.text, SUB_CHARS)
+        for k, part in enumerate(parts):
+            texts.append(part)
+            ends.append(doc.final and k == len(parts) - 1)
+            size += len(part)
+            if size >= batch_chars or len(texts) >= BATCH_DOCS:
+                yield flush()
+                texts, ends, size = [], [], 0
+    if texts:
         yield flush()
 
 
@@ -130,11 +157,14 @@ def prepare(
 
     Raises:
         DataError: missing/empty/unsupported inputs, invalid UTF-8, malformed JSONL (see
-            :mod:`tfkit.data.sources`).
+            :mod:`tfkit.data.sources`), or ``out`` is one of the inputs.
         OSError: the output cannot be written.
     """
     files = expand_inputs(inputs)
     out = Path(out)
+    if out.resolve() in {f.resolve() for f in files}:
+        raise DataError(f"`{out}` is one of the inputs; writing it would destroy the text",
+                        "choose another `--out`, e.g. corpus.bin")
     stats = EncodeStats()
     docs = iter_documents(files, text_field=text_field, on_progress=on_progress)
     return write_token_file(

@@ -170,7 +170,8 @@ class LanguageModel(nn.Module):
         if unexpected:
             problems.append(f"unexpected {few(unexpected)}")
         if shapes:
-            problems.append("shape mismatch " + "; ".join(shapes[:3]) + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""))
+            more = f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""
+            problems.append("shape mismatch " + "; ".join(shapes[:3]) + more)
         if problems:
             raise CheckpointError(
                 "model weights do not fit this model: " + "; ".join(problems),

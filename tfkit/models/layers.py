@@ -285,7 +285,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         ImportError: flash-attn is not installed.
     """
     if q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"attention=flash needs bf16 or fp16 activations, got {q.dtype}; use precision bf16/fp16 or attention=sdpa")
+        raise ValueError(
+            f"attention=flash needs bf16 or fp16 activations, got {q.dtype}; use precision bf16/fp16 or attention=sdpa"
+        )
     from flash_attn import flash_attn_func  # lazy: optional dependency
 
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (B, T, H, D)
