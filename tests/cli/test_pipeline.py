@@ -65,6 +65,8 @@ def test_pipeline_on_a_play(tmp_path, play):
     assert rows[0]["step"] == 40 and rows[0]["arch"] == "llama" and rows[0]["size_bytes"] > 0
     assert {"params", "best_val_loss", "path"} <= rows[0].keys()
 
+    r = tf("resume", "macbeth")
+    assert r.exit_code == 2 and "already finished" in r.stderr and "--max-steps" in r.stderr
     r = tf("resume", "macbeth", "--max-steps", 50, "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["step"] == 50
@@ -108,3 +110,16 @@ def test_list_models_empty():
     assert r.exit_code == 0 and json.loads(r.stdout) == []
     r = tf("list-models")
     assert r.exit_code == 0 and "no runs" in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature", "-1"], "--temperature -1.0 must be a number >= 0"),
+    (["--temperature", "nan"], "--temperature nan must be a number >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be positive"),
+    (["--top-p", "1.5"], "--top-p 1.5 must lie in (0, 1]"),
+    (["--top-k", "0"], "--top-k 0 must be at least 1"),
+])
+def test_generate_rejects_bad_sampling_settings(args, needle):
+    r = tf("generate", "any-run", *args)
+    assert r.exit_code == 2
+    assert r.stderr.startswith(f"error: {needle}") and "hint:" in r.stderr and "Traceback" not in r.stderr

@@ -70,11 +70,14 @@ def test_loss_falls_on_a_play_and_run_info_is_written(play, tmp_path):
     tok = Tokenizer.train_files([play], 512)
     tok.save(tmp_path / "tok.json")
     prepare([play], tok, tmp_path / "play.bin")
-    cfg = _cfg(tmp_path / "play.bin", ["train.max_steps=30", "optim.lr=1e-2", f"data.tokenizer={tmp_path / 'tok.json'}"])
+    cfg = _cfg(tmp_path / "play.bin", ["train.max_steps=30", "optim.lr=1e-2", "train.log_interval=7",
+                                       f"data.tokenizer={tmp_path / 'tok.json'}"])
     run_dir = new_run(cfg, "falls")
     events = []
     end = run(TrainJob(cfg=cfg, runtime=CPU, run_dir=run_dir), on_event=events.append)
     losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, 31))  # metrics.jsonl has every step, whatever the log interval
+    assert [e.step for e in events if e.kind == "step"] == [1, 7, 14, 21, 28, 30]
     assert losses[1] > 6.0 and losses[30] < losses[1] - 1.0  # from ~ln(512) toward the unigram entropy
     info = ckpt_mod.read_run_info(run_dir)
     assert info["status"] == "finished" and info["step"] == 30

@@ -39,6 +39,8 @@ def command(
 
     run_dir = ckpt_mod.resolve_run(run)
     sets = [f"train.max_steps={max_steps}"] if max_steps else []
+    if max_steps and not max_time:
+        sets.append("train.max_time=")  # a step target replaces the run's original time budget
     cfg = load_run_config(run_dir, sets)
     try:
         budget = parse_duration(max_time)
@@ -49,16 +51,15 @@ def command(
     if max_steps is not None and max_steps <= step:
         raise ConfigError(f"--max-steps {max_steps} is not beyond the checkpoint's step {step}",
                           f"give a larger number, e.g. `--max-steps {step * 2}`")
-    if max_steps is None and budget is None and step >= cfg.train.max_steps:
-        raise ConfigError(f"run `{run_dir.name}` already reached train.max_steps = {cfg.train.max_steps}",
-                          f"train further with `tfkit resume {run_dir.name} --max-steps {step * 2}` or `--max-time 5m`")
+    if max_steps is None and budget is None and (step >= cfg.train.max_steps
+                                                  or ckpt_mod.read_run_info(run_dir).get("status") == "finished"):
+        raise ConfigError(f"run `{run_dir.name}` already finished (step {step}, its step or time budget is spent)",
+                          f"train further with `tfkit resume {run_dir.name} --max-steps {max(step * 2, 10)}` or `--max-time 5m`")
     hw = hardware.detect()
     runtime = hardware.resolve(cfg.system, hw)
     job = TrainJob(cfg=cfg, runtime=runtime, run_dir=run_dir, resume=True, checkpoint=ckpt.name.removeprefix("step-").lstrip("0") or "0",
                    time_budget_s=budget, refit_schedule=bool(max_steps or budget),
                    peak_flops=hardware.peak_flops(hw, runtime))
-    if budget is None and max_steps is None and cfg.train.max_time_s is None:
-        job.time_budget_s = None
     with ckpt_mod.run_lock(run_dir), Dashboard() as dash:
         finished = run_loop(job, on_event=dash)
     report_finished(run_dir, finished, json_out, {"device": runtime.device, "precision": runtime.precision})

@@ -77,8 +77,7 @@ def command(
         runtime = hardware.resolve(base.system, hw)
         choice = hardware.choose_preset(hw, runtime)
         chosen = choice.name
-        info(f"preset: [bold]{choice.name}[/bold] (memory estimate {choice.estimate_bytes / 2**30:.2f} GiB of "
-             f"{choice.budget_bytes / 2**30:.1f} GiB budget) - {choice.reason}")
+        info(f"preset: [bold]{choice.name}[/bold] - auto: {choice.reason}")
     cfg = config_mod.load(config_file, chosen, sets)
     runtime = hardware.resolve(cfg.system, hw)
     for key in ("device", "precision", "attention", "compile"):

@@ -139,8 +139,10 @@ def run(job: TrainJob, on_event: Callable[[object], None] = lambda e: None) -> R
     metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
     log = open(run_dir / "train.log", "a", buffering=1)
 
-    def emit(event) -> None:
+    def emit(event, show: bool = True) -> None:
         metrics.write(json.dumps({"time": time.time(), **to_record(event)}) + "\n")
+        if not show:  # metrics.jsonl only (the steps between log intervals)
+            return
         line = format_event(event)
         if line:
             log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
@@ -153,7 +155,7 @@ def run(job: TrainJob, on_event: Callable[[object], None] = lambda e: None) -> R
         log.close()
 
 
-def _train(job: TrainJob, emit: Callable[[object], None]) -> RunFinished:
+def _train(job: TrainJob, emit: Callable[..., None]) -> RunFinished:
     cfg, rt, run_dir = job.cfg, job.runtime, job.run_dir
     m, t = cfg.model, cfg.train
     device = rt.device
@@ -193,6 +195,7 @@ def _train(job: TrainJob, emit: Callable[[object], None]) -> RunFinished:
                     compile=rt.compile, max_steps=t.max_steps, start_step=state.step, max_time_s=budget,
                     tokens_per_step=tokens_per_step, train_tokens=len(train_tokens), val_tokens=len(val_tokens),
                     resumed=job.resume))
+    ckpt_mod.update_run_info(run_dir, status="training", params=model.num_params())
 
     def run_eval() -> dict:
         batches = eval_batches(val_tokens, t.batch_size, m.context_length, max_batches=t.eval_steps)
@@ -216,7 +219,7 @@ def _train(job: TrainJob, emit: Callable[[object], None]) -> RunFinished:
         state.loader = loader.state_dict()
         path = ckpt_mod.save_checkpoint(run_dir, model, optimizer, state, scaler, cfg.fingerprint())
         ckpt_mod.prune_checkpoints(run_dir, t.keep_last, state.best_step)
-        ckpt_mod.update_run_info(run_dir, step=state.step, tokens_seen=state.tokens_seen, status="saved")
+        ckpt_mod.update_run_info(run_dir, step=state.step, tokens_seen=state.tokens_seen, status="training")
         emit(CheckpointSaved(step=state.step, path=str(path), seconds=time.perf_counter() - t0))
 
     model.train()
@@ -278,9 +281,10 @@ def _train(job: TrainJob, emit: Callable[[object], None]) -> RunFinished:
             window_tokens += tokens_per_step
             window_steps += 1
 
-            if not fitted and len(step_times) >= 8:
+            if not fitted and (len(step_times) >= 20 or sum(step_times) > 0.1 * budget):
                 fitted = True
-                sps = sorted(step_times[2:])[len(step_times[2:]) // 2]  # median, skipping warm-up steps
+                warm = step_times[len(step_times) // 4:]  # the first steps run slow (allocator, caches)
+                sps = sorted(warm)[len(warm) // 2]  # median
                 remaining = budget - (time.perf_counter() - session_start)
                 # an eval batch costs about a third of a training micro-batch (forward only)
                 eval_s = t.eval_steps * sps / t.grad_accum_steps / 3
@@ -292,18 +296,22 @@ def _train(job: TrainJob, emit: Callable[[object], None]) -> RunFinished:
 
             target = state.schedule_steps if fitted else t.max_steps
             last = state.step >= target
-            if state.step % t.log_interval == 0 or last or state.step == 1:
-                now = time.perf_counter()
+            show = state.step % t.log_interval == 0 or last or state.step == 1
+            now = time.perf_counter()
+            if show:  # averages over the log window
                 tps = window_tokens / max(1e-9, now - window_t0)
                 sps_now = (now - window_t0) / max(1, window_steps)
-                eta = (target - state.step) * sps_now
-                if budget is not None:
-                    eta = min(eta, max(0.0, budget - (now - session_start)))
-                emit(StepDone(step=state.step, max_steps=target, loss=loss_sum, lr=lr, grad_norm=grad_norm,
-                              tokens_seen=state.tokens_seen, tokens_per_s=tps,
-                              mfu=(tps * flops_tok / job.peak_flops) if job.peak_flops else None,
-                              elapsed_s=elapsed_before + now - session_start, eta_s=eta,
-                              memory_bytes=_memory_bytes(device), parts=parts, stats=stats))
+            else:  # this step alone
+                tps, sps_now = tokens_per_step / max(1e-9, dt), dt
+            eta = (target - state.step) * sps_now
+            if budget is not None:
+                eta = min(eta, max(0.0, budget - (now - session_start)))
+            emit(StepDone(step=state.step, max_steps=target, loss=loss_sum, lr=lr, grad_norm=grad_norm,
+                          tokens_seen=state.tokens_seen, tokens_per_s=tps,
+                          mfu=(tps * flops_tok / job.peak_flops) if job.peak_flops else None,
+                          elapsed_s=elapsed_before + now - session_start, eta_s=eta,
+                          memory_bytes=_memory_bytes(device), parts=parts, stats=stats), show=show)
+            if show:
                 window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
             if t.eval_interval and state.step % t.eval_interval == 0 and not last:
                 last_eval = do_eval()
