@@ -28,7 +28,6 @@ def test_version_and_help():
 
 
 def test_error_boundary_and_debug_traceback(tmp_path):
-    missing = tmp_path / "missing.bin"
     cmd = [sys.executable, "-m", "tfkit", "eval", "no-such-run"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 3

@@ -30,10 +30,10 @@ def test_pipeline_on_a_play(tmp_path, play):
     cfg = tmp_path / "tfkit.yaml"
     r = tf("config", "init", "--preset", "nano", "--out", cfg, "--set", "model.d_model=64", "--set", "model.n_heads=4",
            "--set", "model.n_kv_heads=2", "--set", "model.context_length=64", "--set", "train.batch_size=8",
-           "--set", "train.eval_interval=20", "--set", "train.ckpt_interval=20", "--set", "optim.warmup_steps=5",
-           "--set", "train.max_time=")
+           "--set", "train.eval_interval=20", "--set", "train.ckpt_interval=20", "--set", "optim.warmup_steps=5")
     assert r.exit_code == 0, r.stderr
     assert "# Width of the residual stream" in cfg.read_text()
+    assert "max_time: 4m" in cfg.read_text()  # nano's budget; --max-steps below lifts it
 
     r = tf("train", "-c", cfg, "--train-data", train_bin, "--val-data", val_bin, "--tokenizer", tok,
            "--name", "macbeth", "--max-steps", 40, "--json")

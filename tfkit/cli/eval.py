@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tfkit.cli.options import JsonOpt, RunArg
-from tfkit.cli.output import err, info, print_json
+from tfkit.cli.output import info, print_json
 
 
 def command(

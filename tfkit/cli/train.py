@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tfkit.cli.options import ConfigFileOpt, JsonOpt, PresetOpt, SetOpt
-from tfkit.cli.output import err, info, print_json, progress_bar, warn
+from tfkit.cli.output import info, print_json, progress_bar, warn
 
 
 def _summary(run_dir: Path, finished, extra: dict) -> dict:
@@ -43,7 +43,7 @@ def command(
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="tokenizer.json that made the token files (needed for bits/byte and `generate`).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Run name (folder under the data dir). Default: ARCH-PRESET-TIMESTAMP.")] = None,
     overrides: SetOpt = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps to train (sets train.max_steps).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps to train (sets train.max_steps; without --max-time it also lifts the preset's time budget).")] = None,
     max_time: Annotated[Optional[str], typer.Option("--max-time", help="Wall-clock budget such as 90s, 5m, 2h (sets train.max_time).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -69,6 +69,8 @@ def command(
                        ("train.max_steps", max_steps), ("train.max_time", max_time)):
         if value is not None:
             sets.append(f"{key}={value}")
+    if max_steps is not None and max_time is None:
+        sets.append("train.max_time=")  # an explicit step count replaces a preset's wall-clock budget
 
     hw = hardware.detect()
     chosen = preset

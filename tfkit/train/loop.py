@@ -8,7 +8,6 @@ step, schedule length and the data loader's position are all in the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -133,9 +132,7 @@ def run(job: TrainJob, on_event: Callable[[object], None] = lambda e: None) -> R
         CheckpointError: resuming from a missing or corrupt checkpoint.
         NonFiniteLoss: the loss or gradient norm became NaN/Inf (before the optimizer step).
     """
-    cfg, rt, run_dir = job.cfg, job.runtime, job.run_dir
-    m, t = cfg.model, cfg.train
-    device = rt.device
+    run_dir = job.run_dir
     metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
     log = open(run_dir / "train.log", "a", buffering=1)
 
