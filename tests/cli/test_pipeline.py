@@ -123,3 +123,16 @@ def test_generate_rejects_bad_sampling_settings(args, needle):
     r = tf("generate", "any-run", *args)
     assert r.exit_code == 2
     assert r.stderr.startswith(f"error: {needle}") and "hint:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_refuses_mismatched_files_before_creating_a_run(tmp_path, play):
+    tok = tmp_path / "tok.json"
+    assert tf("tokenize", play, "--vocab-size", 300, "--out", tok).exit_code == 0
+    assert tf("prepare", play, "--tokenizer", tok, "--out", tmp_path / "play.bin").exit_code == 0
+    assert tf("dummy-data", "--out", tmp_path / "d.bin", "--tokens", 5000, "--vocab-size", 300).exit_code == 0
+    r = tf("train", "--preset", "nano", "--train-data", tmp_path / "d.bin", "--val-data", tmp_path / "play.bin",
+           "--tokenizer", tok, "--name", "mismatch")
+    assert r.exit_code == 2 and "were made by different tokenizers" in r.stderr
+    r = tf("train", "--preset", "nano", "--train-data", tmp_path / "play.bin", "--tokenizer", tmp_path / "nope.json")
+    assert r.exit_code == 2 and "nope.json" in r.stderr
+    assert json.loads(tf("list-models", "--json").stdout) == []  # no half-made run folder left behind

@@ -51,6 +51,12 @@ def resolve_data(cfg: RunConfig, on_status: Callable[[str], None] = lambda s: No
             setattr(data, key, str(Path(value).expanduser().resolve()))
     header = TokenFile.open(data.train).header
     vocab = header.vocab_size
+    if data.val:
+        val_header = TokenFile.open(data.val).header
+        if val_header.tokenizer_hash != header.tokenizer_hash:
+            raise DataError(f"`{data.val}` and `{data.train}` were made by different tokenizers",
+                            "prepare both with the same tokenizer.json (`tfkit prepare … --tokenizer F`)")
+        vocab = max(vocab, val_header.vocab_size)
     if data.tokenizer:
         tok = Tokenizer.load(data.tokenizer)
         if header.tokenizer_hash not in ("none", "") and header.tokenizer_hash != tok.hash:
