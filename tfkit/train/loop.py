@@ -241,9 +241,9 @@ def _train(job: TrainJob, emit: Callable[..., None]) -> RunFinished:
             step_t0 = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, state.schedule_steps)
             set_lr(optimizer, lr)
-            loss_sum = 0.0
-            parts: dict[str, float] = {}
-            stats: dict[str, float] = {}
+            loss_acc = torch.zeros((), device=device)
+            parts_acc: dict[str, torch.Tensor] = {}
+            stats_acc: dict[str, torch.Tensor] = {}
             for _ in range(t.grad_accum_steps):
                 x, y = loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -251,11 +251,14 @@ def _train(job: TrainJob, emit: Callable[..., None]) -> RunFinished:
                     out = step_model(x, targets=y)
                 loss = out.loss / t.grad_accum_steps
                 scaler.scale(loss).backward()
-                loss_sum += float(loss.detach())
+                loss_acc += loss.detach().float()  # stays on the device: one host sync per step, below
                 for k, v in out.parts.items():
-                    parts[k] = parts.get(k, 0.0) + float(v) / t.grad_accum_steps
+                    parts_acc[k] = parts_acc.get(k, 0.0) + torch.as_tensor(v, device=device).float() / t.grad_accum_steps
                 for k, v in out.stats.items():
-                    stats[k] = stats.get(k, 0.0) + float(v) / t.grad_accum_steps
+                    stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, device=device).float() / t.grad_accum_steps
+            loss_sum = float(loss_acc)
+            parts = {k: float(v) for k, v in parts_acc.items()}
+            stats = {k: float(v) for k, v in stats_acc.items()}
             if not math.isfinite(loss_sum):
                 raise NonFiniteLoss(f"non-finite loss ({loss_sum}) at step {state.step + 1}; the optimizer step was skipped",
                                     "lower `optim.lr`, raise `optim.warmup_steps`, or use `--set system.precision=fp32`; "
