@@ -57,7 +57,7 @@ def command(
                           f"train further with `tfkit resume {run_dir.name} --max-steps {max(step * 2, 10)}` or `--max-time 5m`")
     hw = hardware.detect()
     runtime = hardware.resolve(cfg.system, hw)
-    job = TrainJob(cfg=cfg, runtime=runtime, run_dir=run_dir, resume=True, checkpoint=ckpt.name.removeprefix("step-").lstrip("0") or "0",
+    job = TrainJob(cfg=cfg, runtime=runtime, run_dir=run_dir, resume=True, checkpoint=ckpt,
                    time_budget_s=budget, refit_schedule=bool(max_steps or budget),
                    peak_flops=hardware.peak_flops(hw, runtime))
     with ckpt_mod.run_lock(run_dir), Dashboard() as dash:

@@ -44,7 +44,8 @@ class TrainJob:
         cfg: the resolved config (``model.vocab_size`` and ``data.train`` set).
         runtime: device, precision, attention backend and compile choice from ``tfkit.hardware``.
         run_dir: the run folder (``config.yaml`` and ``tokenizer.json`` already written).
-        resume: continue from a checkpoint of ``run_dir`` (``checkpoint``: latest | best | step).
+        resume: continue from a checkpoint of ``run_dir``: ``checkpoint`` is latest | best | a step,
+            or the folder of a checkpoint the caller already found and verified.
         time_budget_s: wall-clock seconds this invocation may train; ``None`` = no limit.
         refit_schedule: fit the schedule length to ``time_budget_s`` again (resume with a new budget).
         peak_flops: the device's peak FLOP/s at this precision, for MFU; ``None`` = unknown.
@@ -54,7 +55,7 @@ class TrainJob:
     runtime: Runtime
     run_dir: Path
     resume: bool = False
-    checkpoint: str = "latest"
+    checkpoint: str | Path = "latest"
     time_budget_s: Optional[float] = None
     refit_schedule: bool = False
     peak_flops: Optional[float] = None
@@ -172,7 +173,10 @@ def _train(job: TrainJob, emit: Callable[..., None]) -> RunFinished:
     for name in ckpt_mod.remove_stale_tmp(run_dir):
         emit(Message(f"removed half-written checkpoint folder `{name}` left by an earlier crash", "warning"))
     if job.resume:
-        path = ckpt_mod.find_checkpoint(run_dir, job.checkpoint, on_warning=lambda s: emit(Message(s, "warning")))
+        if isinstance(job.checkpoint, Path):
+            path = job.checkpoint  # verified by the caller; hashing a large checkpoint twice is slow
+        else:
+            path = ckpt_mod.find_checkpoint(run_dir, job.checkpoint, on_warning=lambda s: emit(Message(s, "warning")))
         state = ckpt_mod.load_training_state(path, model, optimizer, scaler, device)
         if state.loader:
             loader.load_state_dict(state.loader)
@@ -192,7 +196,7 @@ def _train(job: TrainJob, emit: Callable[..., None]) -> RunFinished:
                     compile=rt.compile, max_steps=t.max_steps, start_step=state.step, max_time_s=budget,
                     tokens_per_step=tokens_per_step, train_tokens=len(train_tokens), val_tokens=len(val_tokens),
                     resumed=job.resume))
-    ckpt_mod.update_run_info(run_dir, status="training", params=model.num_params())
+    ckpt_mod.update_run_info(run_dir, status="training")
 
     def run_eval() -> dict:
         batches = eval_batches(val_tokens, t.batch_size, m.context_length, max_batches=t.eval_steps)
