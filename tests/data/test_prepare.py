@@ -97,3 +97,27 @@ def test_iter_token_chunks_matches_file(tok, tmp_path, play):
     prepare([play], tok, tmp_path / "c.bin")
     stream = np.concatenate(list(iter_token_chunks([play], tok)))
     assert np.array_equal(stream, TokenFile.open(tmp_path / "c.bin").tokens.astype(np.int64))
+
+
+def test_tokenize_temporary_memmaps_a_file_that_is_already_gone(tok, tmp_path, play, monkeypatch):
+    import tempfile
+
+    from tfkit.data.prepare import tokenize_temporary
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    during = []
+    tf = tokenize_temporary([play], tok, on_progress=lambda n: during.append(sorted(folder.iterdir())))
+    assert during and all(len(seen) == 1 for seen in during)  # encoding streams into one temporary folder
+    assert list(folder.iterdir()) == [] and not tf.path.exists()  # removed before it returns
+    assert isinstance(tf.tokens, np.memmap) and tf.header.tokenizer_hash == tok.hash
+    stream = np.concatenate(list(iter_token_chunks([play], tok)))
+    assert np.array_equal(tf.tokens.astype(np.int64), stream)  # still readable through the mapping
+    tf.verify()
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n" * 1000 + b"\xff")
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        tokenize_temporary([bad], tok)
+    assert list(folder.iterdir()) == []  # nothing is left on error either

@@ -63,7 +63,10 @@ def test_dtype_follows_vocab_size(tmp_path):
 
 def test_document_count_without_final_eot(tmp_path):
     assert write(tmp_path / "a.bin", [3, 0, 4, 4]).n_documents == 2
-    assert write(tmp_path / "b.bin", [3, 4], n_documents=7).n_documents == 7
+    assert write(tmp_path / "b.bin", [3, 4], n_documents=1).n_documents == 1
+    with pytest.raises(DataError, match="7 documents expected but the ids hold 1"):
+        write(tmp_path / "c.bin", [3, 4], n_documents=7)  # a header check_ids would refuse is never written
+    assert not (tmp_path / "c.bin").exists()
 
 
 def test_id_out_of_range_is_refused_before_writing(tmp_path):
@@ -205,3 +208,150 @@ def test_bad_header_json_and_fields(tmp_path):
     raw_file(p, good_header(n_tokens="4"), b"\0" * 8)
     with pytest.raises(DataError, match="`n_tokens` = '4' is not a int"):
         TokenFile.open(p)
+
+
+# ---- header bounds, padding and the document count (issue "Bounds and encodings")
+
+
+def test_vocab_size_above_uint32(tmp_path):
+    p = tmp_path / "v.bin"
+    raw_file(p, good_header(dtype="uint32", vocab_size=2**32 + 1), np.arange(4, dtype="<u4").tobytes())
+    with pytest.raises(DataError, match=rf"`{p}`: dtype uint32 cannot hold vocab_size 4294967297") as e:
+        TokenFile.open(p)
+    assert "corrupt" in e.value.hint
+    raw_file(p, good_header(dtype="uint32", vocab_size=2**32), np.arange(4, dtype="<u4").tobytes())
+    assert TokenFile.open(p).header.vocab_size == 2**32  # ids 0 … 2^32-1 all fit
+
+
+@pytest.mark.parametrize("field", ["n_tokens", "n_bytes"])
+def test_counts_must_be_exact_in_json(tmp_path, field):
+    p = tmp_path / "n.bin"
+    raw_file(p, good_header(**{field: 2**53}), b"\0" * 8)
+    with pytest.raises(DataError, match=rf"`{p}`: header {field} 9007199254740992 is out of range \(0 … 2\^53 - 1"):
+        TokenFile.open(p)
+    with pytest.raises(DataError, match="n_bytes 9007199254740992 is out of range"):  # and never written
+        write(tmp_path / "w.bin", [1, 2], n_bytes=2**53)
+    assert not (tmp_path / "w.bin").exists()
+
+
+def test_document_count_bounds(tmp_path):
+    p = tmp_path / "d.bin"
+    raw_file(p, good_header(n_tokens=4, n_documents=5), np.zeros(4, dtype="<u2").tobytes())
+    with pytest.raises(DataError, match=rf"`{p}`: header says 5 documents for 4 tokens \(expected 1 … 4") as e:
+        TokenFile.open(p)
+    assert "corrupt" in e.value.hint and "tfkit prepare" in e.value.hint
+    raw_file(p, good_header(n_tokens=4, n_documents=0), np.ones(4, dtype="<u2").tobytes())
+    with pytest.raises(DataError, match="header says 0 documents for 4 tokens"):
+        TokenFile.open(p)
+
+
+def test_nonzero_header_padding(tmp_path):
+    p = tmp_path / "pad.bin"
+    write(p, [1, 2, 0])
+    data = bytearray(p.read_bytes())
+    (length,) = struct.unpack("<I", data[8:12])
+    data[12 + length + 7] = 0xAB
+    data[HEADER_SIZE - 1] = 0x01  # only the first one is named
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"`{p}`: non-zero byte 0xab at offset {12 + length + 7} in the header "
+                                        rf"padding \(bytes {12 + length} … 4095 must be zero\)") as e:
+        TokenFile.open(p)
+    assert "corrupt" in e.value.hint
+    data[12 + length + 7] = 0
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="non-zero byte 0x01 at offset 4095"):
+        TokenFile.open(p)
+
+
+def test_check_ids_also_checks_the_document_count(tmp_path):
+    p = tmp_path / "docs.bin"
+    ids = [5, 0, 6, 7, 0, 8]  # 3 documents: two end with EOT, the last does not
+    raw_file(p, good_header(n_tokens=6, n_documents=2), np.array(ids, dtype="<u2").tobytes())
+    tf = TokenFile.open(p)  # the header alone is plausible
+    with pytest.raises(DataError, match=rf"`{p}`: header says 2 documents but the data holds 3") as e:
+        tf.verify()
+    assert "corrupt" in e.value.hint
+    with pytest.raises(DataError, match="header says 2 documents but the data holds 3"):
+        tf.check_ids(100, chunk=4)  # the same one scan, across chunk boundaries
+    with pytest.raises(DataError, match="token id 8 ≥ vocab_size 8 at offset 5"):
+        tf.check_ids(8, chunk=4)  # a bad id is reported first, at its offset in the whole file
+    raw_file(p, good_header(n_tokens=6, n_documents=3), np.array(ids, dtype="<u2").tobytes())
+    TokenFile.open(p).check_ids(100, chunk=4)
+    TokenFile.open(p).verify(chunk=1)
+
+
+def test_files_the_writers_make_pass_verify(tok, tmp_path):
+    from tfkit.data.dummy import make_dummy
+    from tfkit.data.prepare import prepare
+    from tfkit.data.split import split_token_file
+
+    text = tmp_path / "t.jsonl"
+    rows = ["first <|endoftext|> typed by hand", "second", "third\nline", "fourth"]  # a literal EOT in text
+    text.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    h = prepare([text], tok, tmp_path / "c.bin")
+    assert h.n_documents == 5  # the typed end-of-text is an EOT id, so it ends a document too
+    TokenFile.open(tmp_path / "c.bin").verify()
+    r = split_token_file(tmp_path / "c.bin", 0.3, tokenizer=tok)
+    TokenFile.open(r.train_path).verify()
+    TokenFile.open(r.val_path).verify()
+    make_dummy(tmp_path / "d.bin", 10_000, 50, seed=3)  # eot_id 0 drawn at random
+    TokenFile.open(tmp_path / "d.bin").verify()
+
+
+def test_fingerprint_whole_file(tmp_path, tok):
+    from tfkit.data.prepare import prepare
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("To be, or not to be, that is the question.\n")
+    b.write_text("Whether 'tis nobler in the mind to suffer.\n")
+    prepare([a], tok, tmp_path / "c.bin")
+    fp = TokenFile.open(tmp_path / "c.bin").fingerprint()
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64
+    assert TokenFile.open(tmp_path / "c.bin").fingerprint() == fp  # deterministic
+    (tmp_path / "copy.bin").write_bytes((tmp_path / "c.bin").read_bytes())
+    assert TokenFile.open(tmp_path / "copy.bin").fingerprint() == fp  # a byte-identical copy
+    prepare([b], tok, tmp_path / "c.bin")  # re-prepared from other text
+    assert TokenFile.open(tmp_path / "c.bin").fingerprint() != fp
+    data = bytearray((tmp_path / "copy.bin").read_bytes())
+    data[HEADER_SIZE + 3] ^= 0x01  # one flipped bit in the ids
+    (tmp_path / "flip.bin").write_bytes(bytes(data))
+    assert TokenFile.open(tmp_path / "flip.bin").fingerprint() != fp
+
+
+def test_fingerprint_samples_a_large_file(tmp_path, monkeypatch):
+    import tfkit.data.tokenfile as tokenfile
+
+    # the real sizes (64 MiB whole, 1 MiB ends, 64 blocks of 64 KiB) scaled down, the ends still past the header
+    monkeypatch.setattr(tokenfile, "FINGERPRINT_WHOLE_MAX", 64 << 10)
+    monkeypatch.setattr(tokenfile, "FINGERPRINT_EDGE", 8 << 10)
+    monkeypatch.setattr(tokenfile, "FINGERPRINT_BLOCK", 64)
+    ids = np.random.default_rng(0).integers(1, 100, size=200_000)
+    p = tmp_path / "big.bin"
+    write(p, ids)
+    size = p.stat().st_size
+    fp = TokenFile.open(p).fingerprint()
+    assert fp.startswith("sample-sha256:") and len(fp) == len("sample-sha256:") + 64
+    sampled = tokenfile._sample_spans(size)
+    assert len(sampled) == 66 and sampled[0] == (0, 8192) and sampled[-1] == (size - 8192, 8192)
+    assert sampled[-2] == (size - 64, 64)  # the last block ends at the end of the file
+
+    def changed(offset):
+        data = bytearray(p.read_bytes())
+        data[offset] ^= 0xFF
+        (tmp_path / "x.bin").write_bytes(bytes(data))
+        return TokenFile.open(tmp_path / "x.bin").fingerprint() != fp
+
+    assert changed(HEADER_SIZE + 10) and changed(size - 1) and changed(sampled[30][0] + 5)
+    gap = sampled[30][0] + 64 + 100  # between two sampled blocks: the documented blind spot
+    assert not changed(gap)
+    write(tmp_path / "x.bin", ids[:-1])  # truncated by one token: header and size differ
+    assert TokenFile.open(tmp_path / "x.bin").fingerprint() != fp
+
+
+def test_fingerprint_of_a_removed_file(tmp_path):
+    p = tmp_path / "gone.bin"
+    write(p, [1, 2, 0])
+    tf = TokenFile.open(p)
+    p.unlink()
+    with pytest.raises(DataError, match=rf"cannot read token file `{p}`"):
+        tf.fingerprint()

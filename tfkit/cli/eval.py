@@ -30,7 +30,6 @@ def command(
 
       tfkit eval my-run --text hamlet.txt --json
     """
-    import numpy as np
     import torch
 
     from tfkit import hardware
@@ -52,11 +51,9 @@ def command(
         if tok is None:
             raise DataError(f"run `{loaded.run_dir.name}` has no tokenizer.json, so it cannot read text",
                             "evaluate a prepared token file with `--data`")
-        from tfkit.data.prepare import iter_token_chunks
+        from tfkit.data.prepare import tokenize_temporary
 
-        chunks = list(iter_token_chunks([str(text)], tok))
-        tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-        source = str(text)
+        tokens, source = tokenize_temporary([str(text)], tok).tokens, str(text)  # a memmap, not a list of chunks
     elif data is not None:
         tf = TokenFile.open(data)
         if tok is not None and tf.header.tokenizer_hash not in ("none", "") and tf.header.tokenizer_hash != tok.hash:

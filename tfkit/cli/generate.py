@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tfkit.cli.options import RunArg
+from tfkit.cli.options import RunArg, require_utf8
 from tfkit.cli.output import info
 
 
@@ -43,6 +43,7 @@ def command(
         raise ConfigError(f"--top-k {top_k} must be at least 1", "write e.g. `--top-k 50`")
     if top_p is not None and not (0 < top_p <= 1):
         raise ConfigError(f"--top-p {top_p} must lie in (0, 1]", "write e.g. `--top-p 0.9`")
+    require_utf8(prompt, "--prompt")  # before loading the run: a bad prompt is reported whatever RUN is
 
     from tfkit import hardware
     from tfkit.train.sample import generate

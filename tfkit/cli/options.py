@@ -88,3 +88,32 @@ RunArg = Annotated[
     ),
 ]
 """Positional ``RUN``: a run name under ``<data dir>/runs`` or a path to a run folder."""
+
+
+def require_utf8(text: str, option: str) -> str:
+    """Return ``text`` if it encodes as UTF-8; refuse it otherwise.
+
+    On Linux and macOS Python decodes a command-line argument that is not valid UTF-8 with
+    ``surrogateescape``: each bad byte becomes a lone surrogate (byte 0xff → U+DCFF), which the
+    tokenizer and stdout cannot encode. This names the first such byte instead of crashing later.
+
+    Args:
+        text: the option's value as Python received it.
+        option: the option as the user typed it, e.g. ``"--prompt"``.
+
+    Raises:
+        ConfigError: "--prompt is not valid UTF-8 text (byte 0xff at byte offset 3)"; a lone
+            surrogate that is not an escaped byte is named as the character, e.g. U+D800.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        from tfkit.errors import ConfigError
+
+        char = ord(text[exc.start])
+        offset = len(text[:exc.start].encode("utf-8"))  # everything before the first bad character encodes
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise ConfigError(f"{option} is not valid UTF-8 text ({what} at byte offset {offset})",
+                          "pass UTF-8 text: set a UTF-8 terminal locale (e.g. `export LANG=C.UTF-8`) and "
+                          "re-type or re-encode the text (`iconv -t UTF-8`)") from None
+    return text

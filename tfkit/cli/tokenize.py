@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tfkit.cli.options import JsonOpt
+from tfkit.cli.options import JsonOpt, require_utf8
 from tfkit.cli.output import err, human_bytes, human_count, info, print_json, progress_bar
 
 MEASURE_BYTES = 256 << 20
@@ -122,6 +122,8 @@ def command(
     from tfkit.data.tokenizer import Tokenizer
     from tfkit.errors import DataError
 
+    if encode is not None:
+        require_utf8(encode, "--encode")
     if tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
         if not files:

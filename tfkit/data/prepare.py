@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -16,7 +17,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from tfkit.data.sources import Document, expand_inputs, fingerprint, iter_documents
-from tfkit.data.tokenfile import TokenFileHeader, write_token_file
+from tfkit.data.tokenfile import TokenFile, TokenFileHeader, write_token_file
 from tfkit.data.tokenizer import Tokenizer
 from tfkit.errors import DataError
 
@@ -121,7 +122,8 @@ def iter_token_chunks(
 ) -> Iterator[np.ndarray]:
     """Expand ``inputs``, read and encode them: the token stream :func:`prepare` writes.
 
-    Useful to encode raw text without writing a file (e.g. evaluation on a .txt file).
+    The ids of all inputs together can be large: to read them as one array, use
+    :func:`tokenize_temporary` (memmap) rather than concatenating these chunks.
 
     Yields:
         1-D ``np.int64`` id arrays; each document is followed by ``tokenizer.eot_id``.
@@ -153,7 +155,8 @@ def prepare(
             the inputs' total size on disk.
 
     Returns:
-        The header written (``n_tokens``, ``n_documents``, ``n_bytes`` = UTF-8 bytes of text, …).
+        The header written (``n_tokens``; ``n_documents`` = end-of-text ids, a ``<|endoftext|>`` typed
+        in the text included; ``n_bytes`` = UTF-8 bytes of text, …).
 
     Raises:
         DataError: missing/empty/unsupported inputs, invalid UTF-8, malformed JSONL (see
@@ -175,5 +178,35 @@ def prepare(
         eot_id=tokenizer.eot_id,
         source_fingerprint=fingerprint(files),
         n_bytes=lambda: stats.n_bytes,
-        n_documents=lambda: stats.n_documents,
-    )
+    )  # n_documents: counted from the EOT ids, so an "<|endoftext|>" typed in the text counts as one
+
+
+def tokenize_temporary(
+    inputs: Sequence[Union[str, os.PathLike]],
+    tokenizer: Tokenizer,
+    text_field: Optional[str] = None,
+    on_progress: Optional[Callable[[int], None]] = None,
+) -> TokenFile:
+    """Tokenize text/JSONL files into a temporary token file and memory-map it (e.g. to evaluate on raw text).
+
+    Encoding streams to disk as in :func:`prepare` (constant memory), into a
+    ``tempfile.TemporaryDirectory`` that is removed before this returns, and on any error. The
+    returned memmap stays readable because an open mapping outlives its unlinked file (POSIX: Linux,
+    macOS); the disk space is freed when the mapping is garbage collected. On Windows, where a mapped
+    file cannot be deleted, the folder is left in the temporary directory instead.
+
+    Args:
+        inputs, tokenizer, text_field, on_progress: as for :func:`prepare`.
+
+    Returns:
+        A :class:`TokenFile` whose ``tokens`` hold the ids (each document followed by
+        ``tokenizer.eot_id``); its ``path`` no longer exists, so do not call :meth:`TokenFile.fingerprint`.
+
+    Raises:
+        DataError: as :func:`prepare` (missing, empty, non-UTF-8 or malformed inputs).
+        OSError: the temporary file cannot be written (e.g. no space left in ``$TMPDIR``).
+    """
+    with tempfile.TemporaryDirectory(prefix="tfkit-tokens-", ignore_cleanup_errors=os.name == "nt") as tmp:
+        path = Path(tmp) / "tokens.bin"
+        prepare(inputs, tokenizer, path, text_field=text_field, on_progress=on_progress)
+        return TokenFile.open(path)

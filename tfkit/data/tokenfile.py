@@ -5,7 +5,7 @@ Layout (all integers little-endian)::
     bytes 0-7      magic b"TFKITTOK"
     bytes 8-11     uint32: length L of the UTF-8 JSON header
     bytes 12-12+L  the JSON header (see :class:`TokenFileHeader`)
-    ...            zero padding up to HEADER_SIZE = 4096 bytes
+    ...            zero padding up to HEADER_SIZE = 4096 bytes (checked: every byte must be 0)
     4096-          n_tokens ids, each uint16 (vocab_size <= 65536) or uint32
 
 Every check raises :class:`tfkit.errors.DataError` (exit code 2) naming the file and the problem,
@@ -15,6 +15,7 @@ strips). Writing is atomic: a temporary file beside the destination, fsynced, th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import numpy as np
 
 from tfkit.errors import DataError
+from tfkit.fsutil import fsync_dir
 
 MAGIC = b"TFKITTOK"
 """First 8 bytes of every token file."""
@@ -36,6 +38,19 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 """Supported on-disk token dtypes (little-endian)."""
 UINT16_MAX_VOCAB = 65536
 """Largest vocabulary whose ids all fit in uint16 (ids 0..65535)."""
+UINT32_MAX_VOCAB = 2**32
+"""Largest vocabulary whose ids all fit in uint32 (ids 0..2^32-1)."""
+MAX_COUNT = 2**53 - 1
+"""Largest ``n_tokens`` / ``n_bytes`` a header may hold: every integer up to it is exact as a JSON
+number read as a double (2^53 is the first that is not)."""
+FINGERPRINT_WHOLE_MAX = 64 << 20
+"""Files up to this many bytes are hashed whole by :meth:`TokenFile.fingerprint`; larger ones are sampled."""
+FINGERPRINT_EDGE = 1 << 20
+"""Bytes hashed at each end of a sampled file."""
+FINGERPRINT_BLOCK = 64 << 10
+"""Bytes in each evenly spaced block of a sampled file."""
+FINGERPRINT_BLOCKS = 64
+"""Evenly spaced blocks hashed in a sampled file (about 4 MiB, plus the two ends)."""
 
 _PREFIX = struct.Struct("<8sI")
 _WRITE_STEP = 1 << 22
@@ -48,7 +63,7 @@ def dtype_for_vocab(vocab_size: int) -> str:
     Raises:
         DataError: vocab_size < 1 or > 2**32.
     """
-    if vocab_size < 1 or vocab_size > 2**32:
+    if vocab_size < 1 or vocab_size > UINT32_MAX_VOCAB:
         raise DataError(f"vocab_size {vocab_size} is out of range (1 … 2^32)", "check the tokenizer's vocab size")
     return "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
 
@@ -90,8 +105,10 @@ class TokenFileHeader:
         """Build and validate a header from a dict (as read from the file's JSON).
 
         Raises:
-            DataError: a key is missing or has the wrong type, or the version/dtype is unsupported,
-                or the dtype cannot hold the vocabulary.
+            DataError: a key is missing or has the wrong type; the version/dtype is unsupported; the
+                dtype cannot hold the vocabulary (uint16 above 65,536 ids, uint32 above 2^32); a count
+                is negative or ``n_tokens``/``n_bytes`` ≥ 2^53 (not exact in JSON); zero tokens; or
+                ``n_documents`` is outside ``1 … n_tokens`` (a document is at least one token).
         """
         if not isinstance(data, dict):
             raise DataError(f"`{where}`: header is not a JSON object", f"the file is corrupt; {_REMAKE}")
@@ -121,8 +138,22 @@ class TokenFileHeader:
         if h.dtype == "uint16" and h.vocab_size > UINT16_MAX_VOCAB:
             raise DataError(f"`{where}`: dtype uint16 cannot hold vocab_size {h.vocab_size} (ids above 65535 would wrap)",
                             f"{_REMAKE}; vocabularies above 65,536 are stored as uint32")
+        if h.vocab_size > UINT32_MAX_VOCAB:
+            raise DataError(f"`{where}`: dtype {h.dtype} cannot hold vocab_size {h.vocab_size} "
+                            f"(ids are stored as uint32, so at most 2^32 = {UINT32_MAX_VOCAB} ids)",
+                            f"the file is corrupt; {_REMAKE}")
         if h.n_tokens < 0 or h.n_documents < 0 or h.n_bytes < 0:
             raise DataError(f"`{where}`: header has a negative count", f"the file is corrupt; {_REMAKE}")
+        for name in ("n_tokens", "n_bytes"):
+            if getattr(h, name) > MAX_COUNT:
+                raise DataError(f"`{where}`: header {name} {getattr(h, name)} is out of range (0 … 2^53 - 1, "
+                                "the largest count JSON stores exactly)", f"the file is corrupt; {_REMAKE}")
+        if h.n_tokens == 0:
+            raise DataError(f"token file `{where}` holds zero tokens", f"prepare it from non-empty text; {_REMAKE}")
+        if not 1 <= h.n_documents <= h.n_tokens:
+            raise DataError(f"`{where}`: header says {h.n_documents} documents for {h.n_tokens} tokens "
+                            f"(expected 1 … {h.n_tokens}: a document is at least one token)",
+                            f"the file is corrupt; {_REMAKE}")
         if not 0 <= h.eot_id < h.vocab_size:
             raise DataError(f"`{where}`: header eot_id {h.eot_id} is outside the vocabulary (vocab_size {h.vocab_size})",
                             _REMAKE)
@@ -156,11 +187,18 @@ def _read_header(path: Path) -> TokenFileHeader:
     if len(head) < HEADER_SIZE:
         raise DataError(f"`{path}` is truncated: {size} bytes, shorter than its {HEADER_SIZE}-byte header",
                         f"the file is incomplete; {_REMAKE}")
-    raw = head[_PREFIX.size:_PREFIX.size + length]
+    end = _PREFIX.size + length
+    raw = head[_PREFIX.size:end]
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"`{path}`: header JSON is unreadable ({exc})", f"the file is corrupt; {_REMAKE}") from None
+    padding = head[end:HEADER_SIZE]
+    nonzero = len(padding) - len(padding.lstrip(b"\0"))
+    if nonzero < len(padding):
+        offset = end + nonzero
+        raise DataError(f"`{path}`: non-zero byte 0x{head[offset]:02x} at offset {offset} in the header padding "
+                        f"(bytes {end} … {HEADER_SIZE - 1} must be zero)", f"the file is corrupt; {_REMAKE}")
     return TokenFileHeader.from_dict(data, where=str(path))
 
 
@@ -184,10 +222,13 @@ class TokenFile:
     def open(cls, path: Union[str, os.PathLike]) -> "TokenFile":
         """Open and validate a token file.
 
+        Only the header and the file size are read; :meth:`check_ids` scans the ids.
+
         Raises:
-            DataError: missing or empty file, wrong magic, unreadable header JSON, unsupported version
-                or dtype, a file size that is not ``HEADER_SIZE + n_tokens * itemsize`` (truncated,
-                trailing bytes or dtype mismatch), or zero tokens.
+            DataError: missing or empty file, wrong magic, unreadable header JSON, non-zero header
+                padding, an invalid header (see :meth:`TokenFileHeader.from_dict`: unsupported version
+                or dtype, out-of-range counts, zero tokens), or a file size that is not
+                ``HEADER_SIZE + n_tokens * itemsize`` (truncated, trailing bytes or dtype mismatch).
         """
         path = Path(path)
         h = _read_header(path)
@@ -203,8 +244,6 @@ class TokenFile:
         if have > h.n_tokens:
             raise DataError(f"`{path}`: file holds {have} tokens but its header says {h.n_tokens} (trailing bytes)",
                             f"the file is corrupt; {_REMAKE}")
-        if h.n_tokens == 0:
-            raise DataError(f"token file `{path}` holds zero tokens", f"prepare it from non-empty text; {_REMAKE}")
         tokens = np.memmap(path, dtype=DTYPES[h.dtype], mode="r", offset=HEADER_SIZE, shape=(h.n_tokens,))
         return cls(path, h, tokens)
 
@@ -214,18 +253,97 @@ class TokenFile:
     def __repr__(self) -> str:
         return f"TokenFile({str(self.path)!r}, n_tokens={self.header.n_tokens}, vocab_size={self.header.vocab_size})"
 
-    def check_ids(self, vocab_size: Optional[int] = None, chunk: int = 1 << 24) -> None:
-        """Check that every id is below ``vocab_size`` (default: the header's), scanning in chunks.
+    def verify(self, vocab_size: Optional[int] = None, chunk: int = 1 << 24) -> None:
+        """Check the ids against the header in one chunked scan of the data.
+
+        Every id must be below ``vocab_size`` (default: the header's), and the documents counted by
+        :func:`count_documents`' rule (EOT ids, plus one when the data does not end with EOT) must
+        equal the header's ``n_documents``.
 
         Args:
             vocab_size: exclusive upper bound on ids (a model's or tokenizer's vocabulary size).
             chunk: tokens scanned per step (bounds memory to about ``chunk * 8`` bytes).
 
         Raises:
-            DataError: "`path`: token id X ≥ vocab_size V at offset O" for the first offending id.
+            DataError: "`path`: token id X ≥ vocab_size V at offset O" for the first offending id, or
+                "`path`: header says N documents but the data holds M".
         """
         v = self.header.vocab_size if vocab_size is None else int(vocab_size)
-        find_id_out_of_range(self.tokens, v, where=f"`{self.path}`", chunk=chunk)
+        eot = self.header.eot_id
+        tokens = self.tokens
+        n = len(tokens)
+        eots = 0
+        for start in range(0, n, chunk):
+            part = tokens[start:start + chunk]
+            find_id_out_of_range(part, v, where=f"`{self.path}`", chunk=chunk, base=start)
+            eots += int(np.count_nonzero(part == eot))
+        docs = eots + (1 if n and int(tokens[n - 1]) != eot else 0)
+        if docs != self.header.n_documents:
+            raise DataError(f"`{self.path}`: header says {self.header.n_documents} documents but the data holds {docs} "
+                            f"(end-of-text id {eot})", f"the file is corrupt; {_REMAKE}")
+
+    def check_ids(self, vocab_size: Optional[int] = None, chunk: int = 1 << 24) -> None:
+        """Check every id is below ``vocab_size`` (default: the header's); the same one scan as :meth:`verify`.
+
+        The scan also counts documents, so a header whose ``n_documents`` disagrees with the data is
+        refused here too, at no extra pass over the file.
+
+        Raises:
+            DataError: see :meth:`verify`.
+        """
+        self.verify(vocab_size, chunk=chunk)
+
+    def fingerprint(self) -> str:
+        """A cheap content fingerprint of the file as it is on disk now, to notice that it changed.
+
+        sha256 over the header JSON bytes, the file size (bytes) and the content: the whole file when
+        it is at most :data:`FINGERPRINT_WHOLE_MAX` (64 MiB), otherwise a sample: the first and last
+        :data:`FINGERPRINT_EDGE` (1 MiB) plus :data:`FINGERPRINT_BLOCKS` (64) evenly spaced blocks of
+        :data:`FINGERPRINT_BLOCK` (64 KiB), about 6 MiB read whatever the size. Trade-off: the sample
+        catches a re-prepared, re-split, truncated or extended file (the header and size change) and
+        most edits, but not every single flipped byte of a multi-GB file; the whole-file hash does.
+
+        Returns:
+            ``"sha256:<64 hex>"`` for a whole-file hash, ``"sample-sha256:<64 hex>"`` for a sampled one.
+
+        Raises:
+            DataError: the file cannot be read any more (removed or unreadable).
+        """
+        h = hashlib.sha256()
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(HEADER_SIZE)
+                length = _PREFIX.unpack_from(head)[1] if len(head) >= _PREFIX.size else 0
+                raw = head[_PREFIX.size:_PREFIX.size + length]
+                h.update(struct.pack("<QQ", len(raw), size))
+                h.update(raw)
+                if size <= FINGERPRINT_WHOLE_MAX:
+                    kind, spans = "sha256", [(0, size)]
+                else:
+                    kind, spans = "sample-sha256", _sample_spans(size)
+                for start, left in spans:
+                    f.seek(start)
+                    while left > 0:
+                        block = f.read(min(left, 1 << 20))
+                        if not block:
+                            break
+                        h.update(block)
+                        left -= len(block)
+        except OSError as exc:
+            raise DataError(f"cannot read token file `{self.path}` ({exc.strerror or exc})",
+                            "check that the file still exists and is readable") from None
+        return f"{kind}:{h.hexdigest()}"
+
+
+def _sample_spans(size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` byte spans that :meth:`TokenFile.fingerprint` hashes in a file of ``size`` bytes."""
+    edge, block, k = FINGERPRINT_EDGE, FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS
+    spans = [(0, min(edge, size))]
+    last = max(size - block, 0)
+    spans += [((i * last) // (k - 1), min(block, size)) for i in range(k)]
+    spans.append((max(size - edge, 0), min(edge, size)))
+    return spans
 
 
 _OUT_OF_RANGE_HINT = ("the data was made with a bigger tokenizer than the model expects: use the tokenizer that made it, "
@@ -262,19 +380,6 @@ def count_documents(tokens: np.ndarray, eot_id: int, chunk: int = 1 << 24) -> in
     return count
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_token_file(
     path: Union[str, os.PathLike],
     chunks: Iterable[np.ndarray],
@@ -299,15 +404,18 @@ def write_token_file(
         eot_id: end-of-text id.
         source_fingerprint: see :class:`TokenFileHeader`.
         n_bytes: UTF-8 bytes of source text, or a callable evaluated after the last chunk.
-        n_documents: document count, a callable evaluated after the last chunk, or ``None`` to count
-            EOT ids while writing (plus one if the data does not end with EOT).
+        n_documents: ``None`` (the usual) to count EOT ids while writing, plus one if the data does
+            not end with EOT; or the count the caller expects (an int, or a callable evaluated after
+            the last chunk), checked against that count so no file is written whose header
+            :meth:`TokenFile.verify` would refuse.
 
     Returns:
         The header written.
 
     Raises:
-        DataError: an id outside ``[0, vocab_size)`` (nothing is written), zero tokens in total, or a
-            non-integer chunk.
+        DataError: an id outside ``[0, vocab_size)`` (nothing is written), zero tokens in total, a
+            non-integer chunk, an ``n_documents`` that disagrees with the ids, or a header that
+            :meth:`TokenFileHeader.from_dict` would refuse (e.g. ``n_bytes`` ≥ 2^53).
         OSError: the file cannot be written (e.g. disk full); the temporary file is removed.
     """
     path = Path(path)
@@ -343,16 +451,19 @@ def write_token_file(
             if n_tokens == 0:
                 raise DataError(f"no tokens to write to `{path}` (the input text is empty)",
                                 "pass files that contain text")
-            if n_documents is None:
-                docs = eots + (1 if last != eot_id else 0)
-            else:
-                docs = int(n_documents() if callable(n_documents) else n_documents)
+            docs = eots + (1 if last != eot_id else 0)  # count_documents' rule
+            if n_documents is not None:
+                expected = int(n_documents() if callable(n_documents) else n_documents)
+                if expected != docs:
+                    raise DataError(f"writing `{path}`: {expected} documents expected but the ids hold {docs} "
+                                    f"(end-of-text id {eot_id})", "this is a bug in the caller; please report it")
             nb = int(n_bytes() if callable(n_bytes) else n_bytes)
             header = TokenFileHeader(
                 format_version=FORMAT_VERSION, dtype=dtype_name, n_tokens=n_tokens, vocab_size=int(vocab_size),
                 tokenizer_hash=str(tokenizer_hash), eot_id=int(eot_id), n_documents=docs,
                 source_fingerprint=str(source_fingerprint), n_bytes=nb,
             )
+            TokenFileHeader.from_dict(header.to_dict(), where=str(path))  # never write what open refuses
             raw = json.dumps(header.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8")
             if _PREFIX.size + len(raw) > HEADER_SIZE:
                 raise DataError(f"header for `{path}` is too long ({len(raw)} bytes)",
@@ -370,5 +481,5 @@ def write_token_file(
         if isinstance(exc, OSError) and not exc.filename and exc.errno:
             raise OSError(exc.errno, f"{exc.strerror or exc} writing", str(path)) from exc
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return header

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from tfkit.errors import DataError
+from tfkit.fsutil import write_text_atomic
 
 EOT = "<|endoftext|>"
 """End-of-text token: separates documents; id 0 in tokenizers trained here."""
@@ -210,17 +211,7 @@ class Tokenizer:
         """Write ``tokenizer.json`` atomically (temp file, fsync, rename). Returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(self._tok.to_str(pretty=True))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self._tok.to_str(pretty=True))
 
     def to_str(self) -> str:
         """The tokenizer JSON (as saved)."""
