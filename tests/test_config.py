@@ -38,6 +38,14 @@ def test_unknown_key_in_file_names_it(tmp_path):
     ("train.max_time=soon", "not a duration"),
     ("system.device=tpu", "`system.device` = 'tpu'"),
     ("optim.min_lr=1", "above lr"),
+    ("optim.lr=1e6", "`optim.lr` = 1000000.0: Input should be less than or equal to 1"),
+    ("optim.lr=1e39", "`optim.lr` = 1e+39: Input should be less than or equal to 1"),
+    ("optim.lr=.nan", "`optim.lr` = nan: Input should be a finite number"),
+    ("optim.grad_clip=.inf", "`optim.grad_clip` = inf: Input should be a finite number"),
+    ("model.rope_theta=.inf", "`model.rope_theta` = inf: Input should be a finite number"),
+    ("optim.eps=2", "`optim.eps` = 2"),
+    ("model.init_std=5", "`model.init_std` = 5"),
+    ("model.free.kl_weight={start: 0, end: .nan, steps: 10}", "Input should be a finite number"),
 ])
 def test_bad_values_name_field_and_value(override, needle):
     with pytest.raises(ConfigError) as exc:

@@ -37,7 +37,8 @@ ARCH_HELP = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN/Inf are refused in every float field: a NaN learning rate would train silently into NaN
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LinearSchedule(_Section):
@@ -161,12 +162,12 @@ class ModelConfig(_Section):
     )
     context_length: int = Field(256, ge=2, description="Longest sequence the model sees, in tokens.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (theta).")
-    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of every RMSNorm.")
+    norm_eps: float = Field(1e-5, gt=0, le=1, description="Epsilon of every RMSNorm.")
     ffn: Literal["swiglu", "geglu"] = Field("swiglu", description="Feed-forward gate: swiglu (SiLU) or geglu (GELU).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
     qk_norm: bool = Field(False, description="RMSNorm on queries and keys before RoPE (OLMo 2 / Qwen3 style).")
     init_std: float = Field(
-        0.02, gt=0, description="Std of weight init; residual output projections use init_std/sqrt(2*n_layers)."
+        0.02, gt=0, le=1, description="Std of weight init; residual output projections use init_std/sqrt(2*n_layers)."
     )
     mod: Optional[MoDConfig] = Field(None, description="Mixture-of-Depths settings (arch=mod only).")
     dtf: Optional[DTFConfig] = Field(None, description="Dynamic Transformer settings (arch=dtf only).")
@@ -243,16 +244,16 @@ class DataConfig(_Section):
 class OptimConfig(_Section):
     """AdamW and the learning-rate schedule (warmup, then the chosen decay)."""
 
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate, reached at the end of warmup.")
+    lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate, reached at the end of warmup (at most 1).")
     min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
     warmup_steps: int = Field(100, ge=0, description="Optimizer steps of linear warmup from 0 to lr.")
     schedule: Literal["cosine", "cosine_restarts", "constant"] = Field(
         "cosine", description="Decay after warmup: cosine, cosine_restarts or constant."
     )
     restarts: int = Field(3, ge=1, description="Number of cosine cycles for schedule=cosine_restarts.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices only; not norms or biases).")
+    weight_decay: float = Field(0.1, ge=0, le=1, description="AdamW decoupled weight decay (matrices only; not norms or biases).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    eps: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient L2 norm to this; 0 = no clipping.")
 
     @field_validator("betas")
