@@ -39,6 +39,7 @@ from tfkit.data.loader import eval_batches
 from tfkit.data.tokenfile import TokenFile
 from tfkit.models import build_model
 from tfkit.train import checkpoint as ckpt_mod
+from tfkit.train.runs import run_lock
 from tfkit.train.evaluate import evaluate
 from tfkit.train.loop import TrainJob, _byte_lengths, run
 from tfkit.train.sample import generate
@@ -77,7 +78,7 @@ def compare(arch: str, args, stamp: str) -> dict:
     cfg = resolve_data(config.load(preset=args.preset, overrides=sets))
     rt = hardware.resolve(cfg.system, hardware.detect())
     run_dir = new_run(cfg, f"cmp-{arch}-{stamp}", args.preset)
-    with ckpt_mod.run_lock(run_dir):
+    with run_lock(run_dir):
         finished = run(TrainJob(cfg=cfg, runtime=rt, run_dir=run_dir, time_budget_s=parse_duration(args.budget)))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_rows = [r for r in rows if r["kind"] == "step"]

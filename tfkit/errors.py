@@ -49,3 +49,9 @@ class HardwareError(TfkitError):
     """The requested device, precision or backend is not available here (exit 1)."""
 
     exit_code = 1
+
+
+class ResourceError(TfkitError):
+    """The machine ran out of a resource it needs, such as memory (exit 1)."""
+
+    exit_code = 1

@@ -12,6 +12,7 @@ from tfkit import config
 from tfkit.data.dummy import make_dummy
 from tfkit.hardware import Runtime
 from tfkit.train import checkpoint as ckpt_mod
+from tfkit.train import runs
 from tfkit.train.loop import NonFiniteLoss, TrainJob, run
 from tfkit.train.setup import new_run, resolve_data
 
@@ -79,7 +80,7 @@ def test_loss_falls_on_a_play_and_run_info_is_written(play, tmp_path):
     assert sorted(losses) == list(range(1, 31))  # metrics.jsonl has every step, whatever the log interval
     assert [e.step for e in events if e.kind == "step"] == [1, 7, 14, 21, 28, 30]
     assert losses[1] > 6.0 and losses[30] < losses[1] - 1.0  # from ~ln(512) toward the unigram entropy
-    info = ckpt_mod.read_run_info(run_dir)
+    info = runs.read_run_info(run_dir)
     assert info["status"] == "finished" and info["step"] == 30
     assert info["best_val_loss"] == min(e.loss for e in events if e.kind == "eval")
     evals = [e for e in events if e.kind == "eval"]
@@ -89,11 +90,13 @@ def test_loss_falls_on_a_play_and_run_info_is_written(play, tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_update(dummy):
-    cfg = _cfg(dummy, ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "train.max_steps=20"])
+    cfg = _cfg(dummy, ["optim.warmup_steps=0", "optim.grad_clip=0", "train.max_steps=20"])
+    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 1e30})})  # past validation (lr <= 1)
     run_dir = new_run(cfg, "nan")
     with pytest.raises(NonFiniteLoss, match=r"non-finite .* at step \d+"):
         run(TrainJob(cfg=cfg, runtime=CPU, run_dir=run_dir))
     assert ckpt_mod.list_checkpoints(run_dir) == []  # nothing holding NaN was saved
+    assert runs.read_run_info(run_dir)["status"] == "diverged"
 
 
 def test_time_budget_fits_schedule(dummy):

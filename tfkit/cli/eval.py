@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -71,6 +72,12 @@ def command(
     batches = eval_batches(tokens, batch_size or loaded.cfg.train.batch_size, ctx, max_batches=max_batches)
     byte_lengths = torch.from_numpy(tok.byte_lengths().astype("int64")) if tok is not None else None
     r = evaluate(model, batches, runtime.device, runtime.precision, byte_lengths)
+    if not math.isfinite(r["loss"]):  # finite weights, yet NaN/Inf: an overflow at this precision
+        from tfkit.errors import TfkitError
+
+        raise TfkitError(f"run `{loaded.run_dir.name}` ({loaded.checkpoint.name}) gives a non-finite loss "
+                         f"({r['loss']}) on {source} in {runtime.precision}",
+                         "evaluate an earlier `--checkpoint STEP`; in bf16/fp16 an activation overflow does this")
     result = {"run": loaded.run_dir.name, "checkpoint": loaded.checkpoint.name, "step": loaded.step, "data": source,
               "loss": r["loss"], "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
               "tokens": r["tokens"], "bytes": r["bytes"], "parts": r["parts"], "stats": r["stats"]}

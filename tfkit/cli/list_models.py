@@ -26,7 +26,7 @@ def _size(path) -> int:
 def list_runs() -> list[dict]:
     """One dict per run folder: name, arch, params, step, best_val_loss, size_bytes, path, modified, status."""
     from tfkit.paths import runs_dir
-    from tfkit.train.checkpoint import read_run_info
+    from tfkit.train.runs import read_run_info, shown_status
 
     rows = []
     root = runs_dir()
@@ -41,7 +41,7 @@ def list_runs() -> list[dict]:
         mtime = max((p.stat().st_mtime for p in d.iterdir()), default=d.stat().st_mtime)
         rows.append({"name": d.name, "arch": meta.get("arch"), "params": meta.get("params"),
                      "step": meta.get("step", 0), "best_val_loss": meta.get("best_val_loss"),
-                     "val_bits_per_byte": meta.get("val_bits_per_byte"), "status": meta.get("status"),
+                     "val_bits_per_byte": meta.get("val_bits_per_byte"), "status": shown_status(d, meta),
                      "size_bytes": _size(d), "path": str(d),
                      "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))})
     rows.sort(key=lambda r: r["modified"], reverse=True)

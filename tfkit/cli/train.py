@@ -45,8 +45,9 @@ def _init_checkpoint(init_from: str, cfg) -> Path:
     from tfkit.data.tokenizer import Tokenizer
     from tfkit.errors import ConfigError
     from tfkit.train import checkpoint as ckpt_mod
+    from tfkit.train.runs import resolve_run
 
-    src_dir = ckpt_mod.resolve_run(init_from)
+    src_dir = resolve_run(init_from)
     ckpt = ckpt_mod.find_checkpoint(src_dir, "latest", on_warning=warn)
     src_tok = src_dir / "tokenizer.json"
     if src_tok.is_file() and cfg.data.tokenizer:
@@ -122,12 +123,12 @@ def command(
     run_dir = new_run(cfg, name or default_run_name(cfg, chosen), chosen)
 
     from tfkit.cli.dashboard import Dashboard
-    from tfkit.train import checkpoint as ckpt_mod
     from tfkit.train.loop import TrainJob, run
+    from tfkit.train.runs import run_lock
 
     job = TrainJob(cfg=cfg, runtime=runtime, run_dir=run_dir, peak_flops=hardware.peak_flops(hw, runtime),
-                   init_from=init_ckpt)
-    with ckpt_mod.run_lock(run_dir), Dashboard() as dash:
+                   init_from=init_ckpt, gpu_names=tuple(g.name for g in hw.gpus))
+    with run_lock(run_dir), Dashboard() as dash:
         finished = run(job, on_event=dash)
     report_finished(run_dir, finished, json_out, {"preset": chosen, "device": runtime.device,
                                                  "precision": runtime.precision})

@@ -1,17 +1,27 @@
-"""Run folders and checkpoints: atomic, verified, never pickled.
+"""Checkpoints: atomic, verified, never pickled; a crash at any moment leaves a loadable run.
 
-A run folder ``<data dir>/runs/<name>/`` holds ``config.yaml`` (resolved), ``tokenizer.json``,
-``run.json`` (summary for ``list-models``), ``metrics.jsonl``, ``train.log`` and
-``checkpoints/step-NNNNNNNN/``. A checkpoint folder holds
+A run's ``checkpoints/`` folder holds ``step-NNNNNNNN/`` folders (full checkpoints) and ``best/``
+(the weights of the best evaluation so far). A full checkpoint holds
 
 - ``model.safetensors``: weights (shared/tied tensors stored once, by ``safetensors.torch.save_model``);
 - ``optimizer.safetensors``: AdamW moments and step counters, keyed ``state.<param index>.<name>``;
+- ``rng.safetensors``: torch RNG states (CPU, and each CUDA device);
 - ``state.json``: step, tokens seen, schedule length, data-loader position, optimizer hyper-parameters,
-  grad-scaler state and Python/NumPy RNG states; torch RNG states are tensors in ``rng.safetensors``;
-- ``manifest.json``: SHA-256 and size of every file above, written last.
+  grad-scaler state, Python/NumPy RNG states, and what produced it (the resolved config, the data
+  fingerprints, the tfkit version);
+- ``manifest.json``: the commit marker, written last: kind (``full`` or ``weights``), step, a write
+  sequence number ``seq`` and the SHA-256 and size of every other file.
 
-It is written to ``step-N.tmp/``, fsynced, and renamed into place only when complete (the commit
-marker is the manifest), following torchtitan/DCP practice (see shared/docs/reliability.md).
+``best/`` holds ``model.safetensors``, ``state.json`` and a ``weights`` manifest.
+
+Writing (torchtitan/DCP practice, see shared/docs/reliability.md): files go to ``NAME.tmp/``, are
+fsynced, the manifest is written last, then ``NAME/`` is moved aside to ``NAME.old/``, ``NAME.tmp/``
+is renamed to ``NAME/`` and ``NAME.old/`` removed; a complete checkpoint is never deleted before its
+replacement is in place. :func:`recover_checkpoints` finishes whatever a crash interrupted: a
+``.tmp`` whose manifest verifies is promoted, an incomplete one removed, a lone ``.old`` restored.
+
+``latest`` is the checkpoint written last (highest ``seq``), not the highest step: after
+``resume --checkpoint K`` the later checkpoints of the abandoned line lose to those of the new one.
 """
 
 from __future__ import annotations
@@ -23,133 +33,40 @@ import os
 import random
 import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from tfkit import __version__
 from tfkit.errors import CheckpointError
-from tfkit.paths import runs_dir
+from tfkit.fsutil import fsync_dir
+from tfkit.train import faults
+from tfkit.train.runs import read_run_info, write_json_atomic
 
 FORMAT_VERSION = 1
+BEST = "best"
+"""Folder (under ``checkpoints/``) of the best evaluation's weights."""
+KIND_FILES = {"full": ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"),
+              "weights": ("model.safetensors", "state.json")}
+"""The files each kind of checkpoint must list in its manifest, no more, no fewer."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding runs
-
-
-def resolve_run(name_or_path: str) -> Path:
-    """The folder of a run given its name (under ``runs_dir()``) or a path.
-
-    Raises:
-        CheckpointError: no such run.
-    """
-    p = Path(name_or_path).expanduser()
-    candidates = [p] if (p.is_absolute() or os.sep in name_or_path or name_or_path.startswith(".")) else [runs_dir() / name_or_path, p]
-    for c in candidates:
-        if (c / "run.json").is_file() or (c / "config.yaml").is_file():
-            return c
-    known = sorted(d.name for d in runs_dir().glob("*") if (d / "run.json").is_file()) if runs_dir().is_dir() else []
-    import difflib
-
-    close = difflib.get_close_matches(name_or_path, known, n=1)
-    hint = f"did you mean `{close[0]}`? " if close else ""
-    raise CheckpointError(f"no run named {name_or_path!r} in `{runs_dir()}`",
-                          f"{hint}`tfkit list-models` lists the runs; or pass a run folder's path")
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """``run.json`` of a run (empty dict when missing or unreadable)."""
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def update_run_info(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into ``run.json`` (atomically) and return the result."""
-    info = read_run_info(run_dir)
-    info.update(fields)
-    info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json_atomic(run_dir / "run.json", info)
-    return info
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``run_dir/.lock`` so two processes never train one run.
-
-    Raises:
-        CheckpointError: another live process holds the lock (names its pid and host).
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; carry on unlocked
-        yield
-        return
-    path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise CheckpointError(f"run `{run_dir.name}` is locked by {holder}",
-                                  "wait for that run to finish, or give this one another `--name`") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------
-# Listing checkpoints
+_PENDING = re.compile(r"^(step-\d+|best)\.(tmp|old)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with a manifest), oldest first, as ``(step, folder)``."""
-    out = []
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return out
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / "manifest.json").is_file():
-            out.append((int(m.group(1)), d))
-    return sorted(out)
-
-
-def remove_stale_tmp(run_dir: Path) -> list[str]:
-    """Delete half-written ``*.tmp`` checkpoint folders left by a crash; returns their names."""
-    root = checkpoints_dir(run_dir)
-    removed = []
-    if root.is_dir():
-        for d in root.glob("*.tmp*"):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d.name)
-    return removed
+def step_dir_name(step: int) -> str:
+    """``step-00000042`` for step 42."""
+    return f"step-{step:08d}"
 
 
 def _sha256(path: Path) -> str:
@@ -160,19 +77,73 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_checkpoint(ckpt: Path) -> None:
-    """Check every file against ``manifest.json`` (size and SHA-256).
+# ---------------------------------------------------------------------------------------------
+# Manifests and verification
+
+
+def _corrupt(ckpt: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"`{ckpt / 'manifest.json'}`: {what}", "the checkpoint is corrupt; use an earlier one "
+                           "(`--checkpoint STEP`; `tfkit resume` falls back by itself)")
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``manifest.json``, checked for shape: a known ``kind``, an integer ``step``
+    (equal to the folder's), and a ``files`` table listing exactly the files of that kind, each with
+    an integer ``bytes`` and a hex ``sha256``. Manifests written before ``kind`` existed are ``full``.
 
     Raises:
-        CheckpointError: manifest missing or unreadable, a file missing, truncated or changed.
+        CheckpointError: missing, unreadable or malformed in any of those ways.
     """
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, UnicodeDecodeError):
         raise CheckpointError(f"`{ckpt}`: manifest.json is missing or unreadable (incomplete checkpoint)",
                               "resume from an earlier checkpoint with `--checkpoint STEP`") from None
+    if not isinstance(manifest, dict):
+        raise _corrupt(ckpt, "is not a JSON object")
+    kind = manifest.get("kind", "full")
+    if kind not in KIND_FILES:
+        raise _corrupt(ckpt, f"unknown kind {kind!r}")
+    step = manifest.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _corrupt(ckpt, f"step {step!r} is not a non-negative integer")
+    m = _STEP_DIR.match(ckpt.name.split(".")[0])
+    if m and int(m.group(1)) != step:
+        raise _corrupt(ckpt, f"says step {step}, the folder is step {int(m.group(1))}")
+    seq = manifest.get("seq", 0)
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise _corrupt(ckpt, f"seq {seq!r} is not an integer")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _corrupt(ckpt, "has no `files` table")
+    expected = KIND_FILES[kind]
+    missing = [f for f in expected if f not in files]
+    if missing:
+        raise _corrupt(ckpt, f"does not list {', '.join(missing)} (a partial manifest)")
+    extra = sorted(set(files) - set(expected))
+    if extra:
+        raise _corrupt(ckpt, f"lists unexpected files {extra}")
     for name, meta in files.items():
+        size = meta.get("bytes") if isinstance(meta, dict) else None
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _corrupt(ckpt, f"entry `{name}` has no valid `bytes`")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise _corrupt(ckpt, f"entry `{name}` has no valid `sha256`")
+    return {**manifest, "kind": kind, "seq": seq}
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check the manifest (:func:`read_manifest`) and every file it lists (size, then SHA-256).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: manifest missing or malformed, a file missing, truncated or changed.
+    """
+    manifest = read_manifest(ckpt)
+    for name, meta in manifest["files"].items():
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"`{path}` is missing", "the checkpoint is incomplete; use an earlier one")
@@ -183,15 +154,123 @@ def verify_checkpoint(ckpt: Path) -> None:
         if _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"`{path}`: SHA-256 does not match the manifest (corrupt or modified)",
                                   "the checkpoint is corrupt; use an earlier one")
+    return manifest
+
+
+_UNREADABLE = 2**62
+
+
+def _seq(ckpt: Path) -> int:
+    """A checkpoint's write sequence number; a malformed manifest counts as newest, so that
+    ``latest`` tries it first and warns when it falls back past it."""
+    try:
+        return read_manifest(ckpt)["seq"]
+    except CheckpointError:
+        return _UNREADABLE
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing and recovering
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Full checkpoints (folders with a manifest), oldest first by write order, as ``(step, folder)``.
+
+    A step whose ``step-N/`` is missing while a crash left ``step-N.tmp/`` with a manifest, or
+    ``step-N.old/``, is listed with that folder, so read-only commands can still load it before
+    :func:`recover_checkpoints` (run by ``train``/``resume``) puts it back in place.
+    """
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    pending: dict[int, Path] = {}
+    for d in root.iterdir():
+        if not (d / "manifest.json").is_file():
+            continue
+        m = _STEP_DIR.match(d.name)
+        if m:
+            found[int(m.group(1))] = d
+            continue
+        p = _PENDING.match(d.name)
+        if p and p.group(1) != BEST:
+            step = int(p.group(1)[5:])
+            if p.group(2) == "tmp" or step not in pending:  # a complete .tmp is newer than .old
+                pending[step] = d
+    for step, d in pending.items():
+        found.setdefault(step, d)
+    return sorted(((s, d) for s, d in found.items()), key=lambda sd: (_seq(sd[1]), sd[0]))
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` in place of ``final`` without a moment when neither exists
+    in a loadable form: ``final`` -> ``final.old``, ``tmp`` -> ``final``, remove ``final.old``."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():  # left by an earlier crash; ``tmp`` supersedes it
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+        faults.hit("save.swap")
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoints(run_dir: Path) -> list[str]:
+    """Finish what a crash interrupted in ``checkpoints/`` (call with the run lock held).
+
+    A ``NAME.tmp/`` whose manifest verifies is promoted to ``NAME/``; an incomplete one is removed;
+    ``NAME.old/`` is restored when ``NAME/`` is missing and removed otherwise; ``*.del/`` folders
+    (interrupted pruning) are removed.
+
+    Returns:
+        One line per thing done, for the user.
+    """
+    root = checkpoints_dir(run_dir)
+    notes: list[str] = []
+    if not root.is_dir():
+        return notes
+    entries = sorted(root.iterdir(), key=lambda d: (not d.name.endswith(".tmp"), d.name))  # .tmp first
+    for d in entries:
+        if not d.exists():
+            continue
+        if d.name.endswith(".del") or re.search(r"\.tmp-\d+$", d.name):
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+            continue
+        p = _PENDING.match(d.name)
+        if not p:
+            continue
+        final = root / p.group(1)
+        if p.group(2) == "tmp":
+            try:
+                verify_checkpoint(d)
+            except CheckpointError:
+                shutil.rmtree(d, ignore_errors=True)
+                notes.append(f"removed half-written checkpoint folder `{d.name}` left by an earlier crash")
+                continue
+            _commit(d, final)
+            notes.append(f"completed checkpoint `{final.name}`: a crash had stopped it just before its rename")
+        elif final.exists():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            os.replace(d, final)
+            notes.append(f"restored checkpoint `{final.name}` from `{d.name}` (a crash interrupted its replacement)")
+    return notes
 
 
 def find_checkpoint(run_dir: Path, which: str = "latest", on_warning: Optional[Callable[[str], None]] = None) -> Path:
-    """The checkpoint folder to load: ``latest`` (newest that verifies, falling back past corrupt
-    ones with a warning), ``best`` (lowest val loss) or a step number.
+    """The checkpoint folder to load, verified.
+
+    Args:
+        which: ``latest`` (the newest written that verifies, falling back past corrupt ones with a
+            warning), ``best`` (the weights of the best evaluation: ``best/``, or a full checkpoint
+            at exactly that step; never another one) or a step number.
 
     Raises:
         CheckpointError: the run has no complete checkpoint, or the named one is missing/corrupt.
     """
+    if which == "best":
+        return _find_best(run_dir)
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise CheckpointError(f"run `{run_dir.name}` has no complete checkpoint in `{checkpoints_dir(run_dir)}`",
@@ -206,23 +285,59 @@ def find_checkpoint(run_dir: Path, which: str = "latest", on_warning: Optional[C
                     on_warning(f"skipping checkpoint step {step}: {exc.message}")
         raise CheckpointError(f"every checkpoint of run `{run_dir.name}` failed verification",
                               "the run cannot be loaded; train a new one")
-    if which == "best":
-        best = read_run_info(run_dir).get("best_step")
-        match = [p for s, p in ckpts if s == best]
-        path = match[0] if match else ckpts[-1][1]
-    else:
-        try:
-            step = int(which)
-        except ValueError:
-            raise CheckpointError(f"--checkpoint {which!r} is not latest, best or a step number",
-                                  "write e.g. `--checkpoint latest`") from None
-        match = [p for s, p in ckpts if s == step]
-        if not match:
-            raise CheckpointError(f"run `{run_dir.name}` has no checkpoint at step {step}",
-                                  f"steps available: {', '.join(str(s) for s, _ in ckpts)}")
-        path = match[0]
-    verify_checkpoint(path)
-    return path
+    try:
+        step = int(which)
+    except ValueError:
+        raise CheckpointError(f"--checkpoint {which!r} is not latest, best or a step number",
+                              "write e.g. `--checkpoint latest`") from None
+    match = [p for s, p in ckpts if s == step]
+    if not match:
+        raise CheckpointError(f"run `{run_dir.name}` has no checkpoint at step {step}",
+                              f"steps available: {', '.join(str(s) for s, _ in sorted(ckpts))}")
+    verify_checkpoint(match[0])
+    return match[0]
+
+
+def _find_best(run_dir: Path) -> Path:
+    root = checkpoints_dir(run_dir)
+    for name in (BEST, f"{BEST}.tmp", f"{BEST}.old"):
+        if (root / name / "manifest.json").is_file():
+            verify_checkpoint(root / name)
+            return root / name
+    best_step = read_run_info(run_dir).get("best_step")
+    match = [p for s, p in list_checkpoints(run_dir) if s == best_step]
+    if match:
+        verify_checkpoint(match[0])
+        return match[0]
+    raise CheckpointError(f"run `{run_dir.name}` has no saved weights of its best evaluation"
+                          + (f" (step {best_step})" if best_step is not None else ""),
+                          "use `--checkpoint latest` or a step number; runs keep `checkpoints/best/` from their "
+                          "first evaluation on")
+
+
+def make_latest(run_dir: Path, ckpt: Path) -> bool:
+    """Make ``ckpt`` the newest checkpoint (rewrite its manifest with the next ``seq``), so that
+    after resuming from an older checkpoint the abandoned later ones are no longer ``latest``.
+
+    Returns:
+        Whether the manifest was rewritten (False when ``ckpt`` was the newest already).
+
+    Raises:
+        CheckpointError: its manifest is malformed.
+        OSError: the manifest cannot be written.
+    """
+    manifest = read_manifest(ckpt)
+    ckpts = list_checkpoints(run_dir)
+    if ckpts and ckpts[-1][1] == ckpt:
+        return False
+    manifest["seq"] = next_seq(run_dir)
+    write_json_atomic(ckpt / "manifest.json", manifest)
+    return True
+
+
+def next_seq(run_dir: Path) -> int:
+    """One more than the highest write sequence number among the run's checkpoints."""
+    return 1 + max((q for q in (_seq(p) for _, p in list_checkpoints(run_dir)) if q != _UNREADABLE), default=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +346,11 @@ def find_checkpoint(run_dir: Path, which: str = "latest", on_warning: Optional[C
 
 @dataclass
 class TrainState:
-    """Everything besides weights and optimizer moments that a bit-exact resume needs."""
+    """Everything besides weights and optimizer moments that a bit-exact resume needs.
+
+    ``eval_pending`` marks a checkpoint written while the evaluation due at its step was cut short by
+    a signal: resuming runs that evaluation first.
+    """
 
     step: int = 0
     tokens_seen: int = 0
@@ -241,6 +360,7 @@ class TrainState:
     val_loss: Optional[float] = None
     best_val_loss: Optional[float] = None
     best_step: Optional[int] = None
+    eval_pending: bool = False
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -286,69 +406,146 @@ def _set_rng_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> N
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def first_non_finite(model: torch.nn.Module) -> Optional[str]:
+    """Name of the first parameter or buffer holding NaN or Inf, or ``None`` when all are finite."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+    return None
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    scaler: Any = None, config_fingerprint: str = "") -> Path:
-    """Write ``checkpoints/step-N/`` atomically (tmp folder, fsync, manifest last, rename).
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words for a write failure (``No space left on device``), from an OSError or the
+    ``IoError(Os { ..., message: "..." })`` text of a SafetensorError."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    m = re.search(r"os error (\d+)", str(exc))  # safetensors: "I/O error: File too large (os error 27)"
+    if m:
+        return os.strerror(int(m.group(1)))
+    m = re.search(r'message: "([^"]+)"', str(exc))
+    return m.group(1) if m else str(exc)
+
+
+def _write_error(exc: BaseException, folder: Path) -> CheckpointError:
+    from shutil import disk_usage
+
+    try:
+        free = disk_usage(folder if folder.exists() else folder.parent).free
+        room = f"{free / 2**20:,.1f} MiB free there"
+    except OSError:
+        room = "free space unknown"
+    return CheckpointError(f"cannot write checkpoint `{folder}`: {_os_reason(exc)} ({room})",
+                           "free disk space or fix the folder's permissions; the earlier checkpoints are intact, "
+                           "and `tfkit resume RUN` continues from the newest")
+
+
+def _write_folder(final: Path, write_files: Callable[[Path], None], kind: str, step: int, seq: int) -> Path:
+    """Write a checkpoint folder atomically: ``write_files(tmp)``, fsync, manifest, commit.
 
     Raises:
-        OSError: the disk is full or not writable (the partial tmp folder is removed first).
+        CheckpointError: the disk is full or not writable (an incomplete tmp folder is removed; the
+            previous checkpoints are untouched).
     """
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:08d}"
-    tmp = root / f"step-{state.step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = final.with_name(final.name + ".tmp")
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, groups = _optimizer_to_flat(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng_tensors, rng_meta = _rng_states()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        payload = {"format_version": FORMAT_VERSION, **state.__dict__, "optimizer_param_groups": groups,
-                   "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                   "rng": rng_meta, "config_fingerprint": config_fingerprint}
-        (tmp / "state.json").write_text(json.dumps(payload))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        faults.hit("save.begin", step)
+        write_files(tmp)
         files = {}
         for f in sorted(tmp.iterdir()):
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
             files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-        manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": files,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        faults.hit("save.files", step)
+        manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, "seq": seq, "files": files,
+                    "tfkit_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(tmp / "manifest.json", "w") as fh:
             json.dump(manifest, fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(tmp)
+        faults.hit("save.manifest", step)
+        _commit(tmp, final)
+    except BaseException as exc:
+        if not (tmp / "manifest.json").is_file():  # incomplete: remove; a complete one is promoted by recovery
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise _write_error(exc, final) from exc
         raise
     return final
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, best_step: Optional[int]) -> None:
-    """Delete checkpoints other than the newest ``keep_last`` and the best one."""
-    ckpts = list_checkpoints(run_dir)
-    keep = {s for s, _ in ckpts[-keep_last:]}
-    if best_step is not None:
-        keep.add(best_step)
-    for step, path in ckpts:
-        if step not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+                    scaler: Any = None, meta: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``checkpoints/step-N/`` atomically; an existing ``step-N/`` is replaced only once the new
+    one is complete.
+
+    Args:
+        meta: JSON-safe facts stored in ``state.json`` (the resolved ``config``, the ``data``
+            fingerprints) for ``tfkit resume`` to check against.
+
+    Raises:
+        CheckpointError: the disk is full or not writable (names the folder and the free space; the
+            earlier checkpoints are intact).
+    """
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt_tensors, groups = _optimizer_to_flat(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = _rng_states()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        payload = {"format_version": FORMAT_VERSION, "tfkit_version": __version__, **state.__dict__,
+                   "optimizer_param_groups": groups,
+                   "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+                   "rng": rng_meta, **(meta or {})}
+        (tmp / "state.json").write_text(json.dumps(payload))
+
+    final = checkpoints_dir(run_dir) / step_dir_name(state.step)
+    return _write_folder(final, write, "full", state.step, next_seq(run_dir))
+
+
+def save_best(run_dir: Path, model: torch.nn.Module, step: int, info: dict[str, Any]) -> Path:
+    """Write the weights of a new best evaluation to ``checkpoints/best/`` (atomically, replacing the
+    previous best only once complete).
+
+    Args:
+        info: JSON-safe facts for its ``state.json`` (``val_loss``, ``bits_per_byte``...).
+
+    Raises:
+        CheckpointError: the disk is full or not writable.
+    """
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))
+        faults.hit("best.files", step)
+        (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "tfkit_version": __version__,
+                                                    "step": step, **info}))
+
+    return _write_folder(checkpoints_dir(run_dir) / BEST, write, "weights", step, 0)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[int]:
+    """Delete the full checkpoints other than the ``keep_last`` written last (``best/`` is separate;
+    a checkpoint whose manifest is malformed is left alone).
+
+    Each is first renamed to ``*.del`` (atomic), then removed, so an interrupted prune never leaves a
+    half-deleted folder that looks like a checkpoint.
+
+    Returns:
+        The steps removed.
+    """
+    removed = []
+    # a checkpoint with a malformed manifest is left for a person to look at, never pruned
+    ckpts = [(s, p) for s, p in list_checkpoints(run_dir) if _STEP_DIR.match(p.name) and _seq(p) != _UNREADABLE]
+    for step, path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
+        doomed = path.with_name(path.name + ".del")
+        with contextlib.suppress(OSError):
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(step)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,8 +654,12 @@ def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opt
     """Restore weights, optimizer, grad scaler and RNG states from ``ckpt``; return the loop state.
 
     Raises:
-        CheckpointError: any file unreadable or inconsistent with the model.
+        CheckpointError: any file unreadable or inconsistent with the model, or ``ckpt`` holds
+            weights only (``best/``).
     """
+    if read_manifest(ckpt)["kind"] != "full":
+        raise CheckpointError(f"`{ckpt}` holds weights only, not the optimizer and data state a resume needs",
+                              "resume from a step checkpoint: `--checkpoint latest` or a step number")
     load_weights(model, ckpt, device)
     data = load_state(ckpt)
     try:

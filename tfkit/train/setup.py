@@ -21,8 +21,10 @@ from tfkit.config import RunConfig, count_params, load, padded_vocab, to_yaml
 from tfkit.data.tokenfile import TokenFile
 from tfkit.data.tokenizer import Tokenizer
 from tfkit.errors import CheckpointError, ConfigError, DataError
+from tfkit.fsutil import write_text_atomic
 from tfkit.paths import runs_dir
 from tfkit.train import checkpoint as ckpt_mod
+from tfkit.train import runs
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -105,14 +107,25 @@ def new_run(cfg: RunConfig, name: str, preset: Optional[str] = None) -> Path:
     tmp.mkdir()
     if cfg.data.tokenizer:
         shutil.copyfile(cfg.data.tokenizer, tmp / "tokenizer.json")
-    header = f"tfkit {__version__} run `{name}`: the resolved config it was trained with."
-    (tmp / "config.yaml").write_text(to_yaml(cfg, header))
-    ckpt_mod.write_json_atomic(tmp / "run.json", {
+    write_run_config(tmp, cfg, name)
+    runs.write_json_atomic(tmp / "run.json", {
         "name": name, "arch": cfg.model.arch, "params": count_params(cfg.model), "preset": preset,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "created", "step": 0,
-        "best_val_loss": None, "tfkit_version": __version__})
+        "best_val_loss": None, "tfkit_version": __version__,
+        "history": [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": "train", "command": runs.command_line()}]})
     tmp.rename(run_dir)
     return run_dir
+
+
+def write_run_config(run_dir: Path, cfg: RunConfig, name: Optional[str] = None) -> None:
+    """Write the run's ``config.yaml`` (atomically: a temporary file, fsync, rename); ``name`` is the
+    run's name for the header comment (default: the folder's).
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (the old file is left as it was).
+    """
+    header = f"tfkit {__version__} run `{name or run_dir.name}`: the resolved config it trains with."
+    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg, header))
 
 
 def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> RunConfig:
@@ -144,15 +157,20 @@ def load_run(name_or_path: str, device: str = "cpu", which: str = "latest", atte
     """Rebuild a run's model from its checkpoint (``latest``, ``best`` or a step) in eval mode.
 
     Raises:
-        CheckpointError: unknown run, no complete checkpoint, or weights that do not fit the config.
+        CheckpointError: unknown run, no complete checkpoint, weights that do not fit the config,
+            or weights holding NaN/Inf.
     """
     from tfkit.models import build_model
 
-    run_dir = ckpt_mod.resolve_run(name_or_path)
+    run_dir = runs.resolve_run(name_or_path)
     cfg = load_run_config(run_dir)
     ckpt = ckpt_mod.find_checkpoint(run_dir, which, on_warning=on_warning)
     model = build_model(cfg.model, attention=attention)
     ckpt_mod.load_weights(model, ckpt, "cpu")
+    bad = ckpt_mod.first_non_finite(model)
+    if bad is not None:
+        raise CheckpointError(f"`{ckpt / 'model.safetensors'}`: weight `{bad}` holds NaN or Inf (the run diverged)",
+                              "load an earlier checkpoint with `--checkpoint STEP` (`ls` its checkpoints folder)")
     model.to(device).eval()
     tok_path = run_dir / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None
