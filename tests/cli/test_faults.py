@@ -192,3 +192,25 @@ def test_resume_records_deliberate_changes_and_refuses_accidental_ones(data, tfk
     r = _tfkit(["resume", "chg", "--max-steps", "10", "--allow-changes"])
     assert r.returncode == 0, r.stderr
     assert "continuing despite changes (--allow-changes): train.batch_size 4 -> 8" in r.stderr
+
+
+def _limit_address_space(limit):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
+def test_running_out_of_host_memory_is_exit_1_with_advice(data, tfkit_home):
+    assert _tfkit(_train_args(data, "oom", steps=4)).returncode == 0
+    # 65,536 sequences of 16 tokens: the first activations alone need more than the 3 GiB allowed
+    r = _tfkit(["resume", "oom", "--max-steps", "8", "--set", "train.batch_size=65536"],
+               preexec_fn=_limit_address_space(3 << 30))
+    assert r.returncode == 1, r.stderr
+    error = next(line for line in r.stderr.splitlines() if line.startswith("error:"))
+    assert error.startswith("error: out of memory on cpu at step 5 (micro-batch 65536 x 16 tokens")
+    assert "--set train.batch_size=32768 --set train.grad_accum_steps=2" in r.stderr and "Traceback" not in r.stderr
+    assert _info(tfkit_home, "oom")["status"] == "failed"
+    cfg = yaml.safe_load((tfkit_home / "runs/oom/config.yaml").read_text())
+    assert cfg["train"]["batch_size"] == 4  # the failed session's --set did not stick
+    assert sorted(p.name for p in (tfkit_home / "runs/oom/checkpoints").iterdir()) == ["best", "step-00000002",
+                                                                                   "step-00000004"]

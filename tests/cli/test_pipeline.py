@@ -16,7 +16,7 @@ def tf(*args):
 
 
 @pytest.mark.slow
-def test_pipeline_on_a_play(tmp_path, play):
+def test_pipeline_on_a_play(tmp_path, play, tfkit_home):
     tok, corpus = tmp_path / "tokenizer.json", tmp_path / "corpus.bin"
     r = tf("tokenize", play, "--vocab-size", 512, "--out", tok)
     assert r.exit_code == 0, r.stderr
@@ -57,6 +57,11 @@ def test_pipeline_on_a_play(tmp_path, play):
     assert r.stdout.startswith("MACBETH.") and len(r.stdout) > len("MACBETH.\n")
     again = tf("generate", "macbeth", "--prompt", "MACBETH.", "--max-new-tokens", 20, "--seed", 1, "--temperature", 0)
     assert again.stdout == r.stdout  # greedy is deterministic
+
+    best = json.loads(tf("eval", "macbeth", "--checkpoint", "best", "--json").stdout)  # step 20 or 40
+    assert best["checkpoint"] == "best" and best["step"] in (20, 40) and best["step"] == json.loads(
+        (tfkit_home / "runs/macbeth/run.json").read_text())["best_step"]
+    assert tf("generate", "macbeth", "--checkpoint", "best", "-n", 5, "--seed", 1).exit_code == 0
 
     r = tf("list-models", "--json")
     assert r.exit_code == 0

@@ -204,10 +204,13 @@ def test_recovery_restores_a_lone_old_folder_and_clears_interrupted_pruning(tmp_
     root = tmp_path / "checkpoints"
     os.replace(two, root / "step-00000002.old")  # a crash between the two renames, tmp already gone
     (root / "step-00000003.tmp").mkdir()  # a write that never got its manifest
-    os.replace(root / "step-00000001", root / "step-00000001.del")
-    assert _steps(tmp_path) == [2]  # listed from .old before recovery
+    (root / "step-00000001" / ".manifest.json.tmp-123").write_text("{")  # a killed manifest rewrite
+    _save(tmp_path, 0)
+    os.replace(root / "step-00000000", root / "step-00000000.del")  # a prune killed before its rmtree
+    assert _steps(tmp_path) == [1, 2]  # step 2 listed from its .old before recovery
     notes = ck.recover_checkpoints(tmp_path)
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000002"]
+    assert not list((root / "step-00000001").glob(".*"))
     assert any("restored" in n for n in notes) and any("removed half-written" in n for n in notes)
     ck.verify_checkpoint(root / "step-00000002")
 

@@ -93,8 +93,9 @@ def test_non_finite_loss_stops_before_the_update(dummy):
     cfg = _cfg(dummy, ["optim.warmup_steps=0", "optim.grad_clip=0", "train.max_steps=20"])
     cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 1e30})})  # past validation (lr <= 1)
     run_dir = new_run(cfg, "nan")
-    with pytest.raises(NonFiniteLoss, match=r"non-finite .* at step \d+"):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite .* at step \d+") as exc:
         run(TrainJob(cfg=cfg, runtime=CPU, run_dir=run_dir))
+    assert "`tfkit resume nan --set optim.lr=2.5e+29`" in exc.value.hint  # a quarter of the lr that diverged
     assert ckpt_mod.list_checkpoints(run_dir) == []  # nothing holding NaN was saved
     assert runs.read_run_info(run_dir)["status"] == "diverged"
 

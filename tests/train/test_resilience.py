@@ -294,3 +294,20 @@ def test_checkpoints_and_env_json_record_what_produced_them(dummy):
     session = json.loads((run_dir / "env.json").read_text())["sessions"][0]
     assert session["event"] == "train" and session["torch"] == torch.__version__
     assert session["data"] == state["data"] and session["device"] == "cpu"
+
+
+def test_a_half_written_metrics_line_stays_one_bad_line(dummy):
+    cfg = _cfg(dummy)
+    run_dir = new_run(cfg, "torn")
+    run(TrainJob(cfg=cfg, runtime=CPU, run_dir=run_dir), on_event=_signal_at(signal.SIGTERM, "step", 6))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"time": 1, "kind": "st')  # a process killed in the middle of a write
+    _resume(cfg, run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    bad = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            bad.append(line)
+    assert bad == ['{"time": 1, "kind": "st'] and json.loads(lines[-1])["kind"] == "end"

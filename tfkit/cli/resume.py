@@ -42,7 +42,7 @@ def command(
     from tfkit.train import runs
     from tfkit.train.loop import TrainJob, run as run_loop
     from tfkit.train.resume import describe, plan_resume
-    from tfkit.train.setup import load_run_config, write_run_config
+    from tfkit.train.setup import load_run_config
 
     run_dir = runs.resolve_run(run)
     with runs.run_lock(run_dir):
@@ -55,8 +55,6 @@ def command(
             warn(f"continuing despite changes (--allow-changes): {describe(plan.allowed)}")
         hw = hardware.detect()
         runtime = hardware.resolve(plan.cfg.system, hw)
-        if plan.cfg != load_run_config(run_dir):
-            write_run_config(run_dir, plan.cfg)
         runs.append_history(run_dir, {
             "event": "resume", "from_step": plan.step, "checkpoint": plan.checkpoint.name if plan.checkpoint else None,
             "max_steps": max_steps, "max_time": max_time,
@@ -65,7 +63,8 @@ def command(
         job = TrainJob(cfg=plan.cfg, runtime=runtime, run_dir=run_dir, resume=plan.checkpoint is not None,
                        checkpoint=plan.checkpoint or "latest", time_budget_s=plan.time_budget_s,
                        refit_schedule=plan.refit_schedule, peak_flops=hardware.peak_flops(hw, runtime),
-                       reset_loader=plan.reset_loader, gpu_names=tuple(g.name for g in hw.gpus))
+                       reset_loader=plan.reset_loader, write_config=plan.cfg != load_run_config(run_dir),
+                       gpu_names=tuple(g.name for g in hw.gpus))
         with Dashboard() as dash:
             finished = run_loop(job, on_event=dash)
     report_finished(run_dir, finished, json_out, {"device": runtime.device, "precision": runtime.precision})

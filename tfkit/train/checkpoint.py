@@ -234,6 +234,10 @@ def recover_checkpoints(run_dir: Path) -> list[str]:
     for d in entries:
         if not d.exists():
             continue
+        if _STEP_DIR.match(d.name):  # a manifest rewrite (make_latest) killed before its rename
+            for stray in d.glob(".*.tmp-*"):
+                stray.unlink(missing_ok=True)
+            continue
         if d.name.endswith(".del") or re.search(r"\.tmp-\d+$", d.name):
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
             continue

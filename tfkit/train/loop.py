@@ -64,6 +64,9 @@ class TrainJob:
             names and shapes match (``tfkit train --init-from``); ignored when resuming.
         reset_loader: when resuming on training data that changed (deliberately), start its data
             order afresh instead of restoring the checkpoint's position in the old data.
+        write_config: the run's ``config.yaml`` differs from ``cfg`` (``resume --set``): write
+            ``cfg`` there once the checkpoint has loaded, and put the old file back if the session
+            fails before its first checkpoint.
         gpu_names: names of the visible CUDA GPUs, for ``env.json``.
         session: extra facts for this session's ``env.json`` entry.
     """
@@ -78,6 +81,7 @@ class TrainJob:
     peak_flops: Optional[float] = None
     init_from: Optional[Path] = None
     reset_loader: bool = False
+    write_config: bool = False
     gpu_names: tuple[str, ...] = ()
     session: dict[str, Any] = field(default_factory=dict)
 
@@ -265,8 +269,8 @@ def run(job: TrainJob, on_event: Callable[[object], None] = lambda e: None) -> R
         ResourceError: out of memory.
     """
     run_dir = job.run_dir
-    metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
-    log = open(run_dir / "train.log", "a", buffering=1)
+    metrics = _open_log(run_dir / "metrics.jsonl")
+    log = _open_log(run_dir / "train.log")
 
     def emit(event, show: bool = True) -> None:
         metrics.write(json.dumps({"time": time.time(), **to_record(event)}) + "\n")
@@ -286,6 +290,18 @@ def run(job: TrainJob, on_event: Callable[[object], None] = lambda e: None) -> R
             log.close()
 
 
+def _open_log(path: Path):
+    """Open a line log for appending, first ending a line a killed process left half-written, so
+    that it stays one bad line instead of spoiling the next record too."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                with open(path, "a") as out:
+                    out.write("\n")
+    return open(path, "a", buffering=1)
+
+
 class _Trainer:
     """One training session, its loop body a list of named calls: step, maybe fit the schedule,
     log, maybe evaluate, maybe checkpoint, should we stop (torchtitan's ``Trainer.train``)."""
@@ -303,6 +319,8 @@ class _Trainer:
         self.last_eval: Optional[EvalDone] = None
         self.ckpt_bytes: Optional[int] = None
         self.disk_warned = False
+        self.old_config: Optional[str] = None  # config.yaml before this session changed it
+        self.saved_here = False  # whether this session wrote a checkpoint
 
     # -- the session -------------------------------------------------------------------------
 
@@ -315,15 +333,26 @@ class _Trainer:
                 self.train()
                 return self.finish()
         except KeyboardInterrupt:
+            self.undo_config()
             self.mark("interrupted")
             raise
         except Exception as exc:
+            self.undo_config()
             if is_out_of_memory(exc):
                 err = out_of_memory_advice(self.cfg, self.device, self.state.step + 1, self.run_dir.name)
                 self.mark("failed", error=err.message)
                 raise err from exc
             self.mark("diverged" if isinstance(exc, NonFiniteLoss) else "failed", error=str(exc))
             raise
+
+    def undo_config(self) -> None:
+        """Put back the config.yaml this session replaced, when it failed before its first checkpoint
+        (the run on disk then stays as its newest checkpoint describes it)."""
+        if self.old_config is not None and not self.saved_here:
+            with contextlib.suppress(OSError):
+                from tfkit.fsutil import write_text_atomic
+
+                write_text_atomic(self.run_dir / "config.yaml", self.old_config)
 
     def mark(self, status: str, **fields: Any) -> None:
         """Record how the session ended in ``run.json`` (best effort: the disk may be full)."""
@@ -390,6 +419,9 @@ class _Trainer:
                              precision=rt.precision, attention=rt.attention, compile=rt.compile, max_steps=t.max_steps,
                              start_step=state.step, max_time_s=budget, tokens_per_step=self.tokens_per_step,
                              train_tokens=self.train_tokens, val_tokens=len(self.val_tokens), resumed=job.resume))
+        if job.write_config:
+            self.old_config = (self.run_dir / "config.yaml").read_text()
+            runs.write_run_config(self.run_dir, cfg)
         runs.update_run_info(self.run_dir, status="training", params=self.model.num_params(), error=None)
         self.started = True
         runs.record_session(self.run_dir, {
@@ -631,6 +663,7 @@ class _Trainer:
                     "data": self.fingerprints}
             path = ckpt_mod.save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.scaler, meta)
             self.saved = (state.step, self.n_evals)
+            self.saved_here = True
             self.ckpt_bytes = sum(f.stat().st_size for f in path.iterdir())
             ckpt_mod.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
             runs.update_run_info(self.run_dir, step=state.step, tokens_seen=state.tokens_seen)

@@ -72,6 +72,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
+def write_run_config(run_dir: Path, cfg, name: Optional[str] = None) -> None:
+    """Write the run's ``config.yaml`` (a :class:`tfkit.config.RunConfig`) atomically; ``name`` is
+    the run's name for the header comment (default: the folder's).
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (the old file is left as it was).
+    """
+    from tfkit.config import to_yaml
+
+    header = f"tfkit {__version__} run `{name or run_dir.name}`: the resolved config it trains with."
+    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg, header))
+
+
 def update_run_info(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into ``run.json`` (atomically) and return the result.
 

@@ -17,11 +17,10 @@ from typing import Callable, Optional
 import torch
 
 from tfkit import __version__
-from tfkit.config import RunConfig, count_params, load, padded_vocab, to_yaml
+from tfkit.config import RunConfig, count_params, load, padded_vocab
 from tfkit.data.tokenfile import TokenFile
 from tfkit.data.tokenizer import Tokenizer
 from tfkit.errors import CheckpointError, ConfigError, DataError
-from tfkit.fsutil import write_text_atomic
 from tfkit.paths import runs_dir
 from tfkit.train import checkpoint as ckpt_mod
 from tfkit.train import runs
@@ -107,7 +106,7 @@ def new_run(cfg: RunConfig, name: str, preset: Optional[str] = None) -> Path:
     tmp.mkdir()
     if cfg.data.tokenizer:
         shutil.copyfile(cfg.data.tokenizer, tmp / "tokenizer.json")
-    write_run_config(tmp, cfg, name)
+    runs.write_run_config(tmp, cfg, name)
     runs.write_json_atomic(tmp / "run.json", {
         "name": name, "arch": cfg.model.arch, "params": count_params(cfg.model), "preset": preset,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "created", "step": 0,
@@ -115,17 +114,6 @@ def new_run(cfg: RunConfig, name: str, preset: Optional[str] = None) -> Path:
         "history": [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": "train", "command": runs.command_line()}]})
     tmp.rename(run_dir)
     return run_dir
-
-
-def write_run_config(run_dir: Path, cfg: RunConfig, name: Optional[str] = None) -> None:
-    """Write the run's ``config.yaml`` (atomically: a temporary file, fsync, rename); ``name`` is the
-    run's name for the header comment (default: the folder's).
-
-    Raises:
-        OSError: the folder is not writable or the disk is full (the old file is left as it was).
-    """
-    header = f"tfkit {__version__} run `{name or run_dir.name}`: the resolved config it trains with."
-    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg, header))
 
 
 def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> RunConfig:
