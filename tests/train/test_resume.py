@@ -7,7 +7,7 @@ import yaml
 
 from tfkit import config
 from tfkit.data.dummy import make_dummy
-from tfkit.errors import CheckpointError, ConfigError
+from tfkit.errors import CheckpointError, ConfigError, DataError
 from tfkit.hardware import Runtime
 from tfkit.train import checkpoint as ck
 from tfkit.train import runs
@@ -117,6 +117,19 @@ def test_a_deliberate_new_training_file_starts_its_data_order_afresh(trained, tm
     make_dummy(tmp_path / "rand.bin", 5000, 300, seed=3)
     plan = _plan(trained, max_steps=10, overrides=[f"data.train={tmp_path / 'rand.bin'}"])
     assert plan.reset_loader
+
+
+def test_a_new_training_file_must_come_from_the_runs_tokenizer(trained, play, tmp_path, monkeypatch):
+    from tfkit.data.prepare import prepare
+    from tfkit.data.tokenizer import Tokenizer
+
+    prepare([play], Tokenizer.train_files([play], 280), tmp_path / "other.bin")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"`.*other.bin` \(--set data.train\) was made by another tokenizer"):
+        _plan(trained, max_steps=10, overrides=["data.train=other.bin"])
+    prepare([play], Tokenizer.load(tmp_path / "tok.json"), tmp_path / "same.bin")
+    plan = _plan(trained, max_steps=10, overrides=["data.train=same.bin"])  # relative to where it runs
+    assert plan.cfg.data.train == str(tmp_path / "same.bin")
 
 
 def test_resume_from_best_needs_a_full_checkpoint_at_that_step(trained):

@@ -64,6 +64,7 @@ def command(
                        checkpoint=plan.checkpoint or "latest", time_budget_s=plan.time_budget_s,
                        refit_schedule=plan.refit_schedule, peak_flops=hardware.peak_flops(hw, runtime),
                        reset_loader=plan.reset_loader, write_config=plan.cfg != load_run_config(run_dir),
+                       fingerprints=plan.fingerprints,
                        gpu_names=tuple(g.name for g in hw.gpus))
         with Dashboard() as dash:
             finished = run_loop(job, on_event=dash)

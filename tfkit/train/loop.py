@@ -67,6 +67,7 @@ class TrainJob:
         write_config: the run's ``config.yaml`` differs from ``cfg`` (``resume --set``): write
             ``cfg`` there once the checkpoint has loaded, and put the old file back if the session
             fails before its first checkpoint.
+        fingerprints: the data fingerprints, when the caller measured them already.
         gpu_names: names of the visible CUDA GPUs, for ``env.json``.
         session: extra facts for this session's ``env.json`` entry.
     """
@@ -82,6 +83,7 @@ class TrainJob:
     init_from: Optional[Path] = None
     reset_loader: bool = False
     write_config: bool = False
+    fingerprints: Optional[dict[str, Any]] = None
     gpu_names: tuple[str, ...] = ()
     session: dict[str, Any] = field(default_factory=dict)
 
@@ -373,7 +375,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.rt.precision == "fp16")
         self.phases = _Curriculum(cfg, train_tokens)
         self.phases.at(0)
-        self.fingerprints = runs.data_fingerprints(cfg, self.run_dir)
+        self.fingerprints = self.job.fingerprints or runs.data_fingerprints(cfg, self.run_dir)
 
     def restore(self) -> None:
         job, emit = self.job, self.emit

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from tfkit import __version__
 from tfkit.config import RunConfig, load, parse_duration, parse_override
-from tfkit.errors import ConfigError
+from tfkit.errors import CheckpointError, ConfigError, DataError
 from tfkit.train import checkpoint as ckpt_mod
 from tfkit.train import runs
 
@@ -39,6 +39,7 @@ class ResumePlan:
         notes: lines for the user (recovered folders, version differences...).
         time_budget_s: wall-clock seconds for this session (``--max-time``), or ``None``.
         refit_schedule: fit the learning-rate schedule to the new step or time budget.
+        fingerprints: the data fingerprints measured now (:func:`tfkit.train.runs.data_fingerprints`).
     """
 
     cfg: RunConfig
@@ -50,6 +51,7 @@ class ResumePlan:
     notes: list[str] = field(default_factory=list)
     time_budget_s: Optional[float] = None
     refit_schedule: bool = False
+    fingerprints: Optional[dict[str, Any]] = None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -160,6 +162,10 @@ def plan_resume(run_dir: Path, checkpoint: str = "latest", overrides: Optional[l
     if max_steps and not max_time:
         budget_sets.append("train.max_time=")  # a step target replaces the run's original time budget
     cfg = load(run_dir / "config.yaml", overrides=overrides + budget_sets)
+    moved = {k: str(Path(getattr(cfg.data, k)).expanduser().resolve()) for k in ("train", "val")
+             if f"data.{k}" in set_keys and getattr(cfg.data, k)}
+    if moved:  # a path given with --set is relative to where the command runs, not to the run
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=moved)})
 
     recorded_cfg = state.get("config") if isinstance(state.get("config"), dict) else None
     base = recorded_cfg if recorded_cfg is not None else cfg_disk.model_dump(mode="json")
@@ -179,8 +185,9 @@ def plan_resume(run_dir: Path, checkpoint: str = "latest", overrides: Optional[l
     recorded_data = state.get("data") if isinstance(state.get("data"), dict) else None
     data_changes: dict[str, tuple[Any, Any]] = {}
     reset_loader = "data.train" in changes
+    now = runs.data_fingerprints(cfg, run_dir)
+    _check_tokenizer(run_dir, now, set(set_keys))
     if ckpt is not None and recorded_data is not None:
-        now = runs.data_fingerprints(cfg, run_dir)
         data_changes = _data_changes(recorded_data, now, set(set_keys))
         was_train = recorded_data.get("train") or {}
         reset_loader = was_train.get("fingerprint") != (now.get("train") or {}).get("fingerprint")
@@ -199,7 +206,21 @@ def plan_resume(run_dir: Path, checkpoint: str = "latest", overrides: Optional[l
         _check_budget(run_dir, cfg, state, step, max_steps, budget)
     return ResumePlan(cfg=cfg, checkpoint=ckpt, step=step, changes=changes, allowed={**unannounced, **data_changes},
                       reset_loader=bool(reset_loader), notes=plan_notes, time_budget_s=budget,
-                      refit_schedule=bool(max_steps or budget))
+                      refit_schedule=bool(max_steps or budget), fingerprints=now)
+
+
+def _check_tokenizer(run_dir: Path, now: dict[str, Any], deliberate: set[str]) -> None:
+    """A token file given with ``--set data.train=...`` must come from the run's tokenizer.
+
+    Raises:
+        DataError: naming the file, with the command that prepares it with the right tokenizer.
+    """
+    run_hash = (now.get("tokenizer") or {}).get("hash")
+    for key in ("train", "val"):
+        fp = now.get(key)
+        if f"data.{key}" in deliberate and fp and run_hash and fp["tokenizer_hash"] not in ("none", "", run_hash):
+            raise DataError(f"`{fp['path']}` (--set data.{key}) was made by another tokenizer than run `{run_dir.name}`'s",
+                            f"prepare it with `tfkit prepare ... --tokenizer {run_dir / 'tokenizer.json'}`")
 
 
 def _pick_checkpoint(run_dir: Path, which: str, on_warning: Callable[[str], None]) -> tuple[Optional[Path], dict]:
@@ -213,7 +234,7 @@ def _pick_checkpoint(run_dir: Path, which: str, on_warning: Callable[[str], None
         if ckpt_mod.read_manifest(best)["kind"] != "full":
             full = [p for s, p in ckpt_mod.list_checkpoints(run_dir) if s == step]
             if not full:
-                raise ckpt_mod.CheckpointError(
+                raise CheckpointError(
                     f"the best evaluation (step {step}) of run `{run_dir.name}` kept its weights only, not the "
                     "optimizer and data state a resume needs",
                     "resume from `--checkpoint latest` or a step; `tfkit eval`/`generate --checkpoint best` use those weights")
