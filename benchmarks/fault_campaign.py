@@ -1,6 +1,7 @@
 """Kill `tfkit train` at random moments, resume it, and check the final weights byte for byte.
 
-Trains a tiny model with a checkpoint every step (so many kills land inside a save) once without
+Trains a tiny model with a checkpoint every step (so many kills land inside a save) and
+``train.keep_last=1`` (no older checkpoint to fall back on when the newest is lost) once without
 interruption, then runs ``--trials`` copies of the same run and stops each at a random moment:
 
 - even trials: SIGKILL (a crash, the OOM killer, a lost node);
@@ -37,7 +38,7 @@ from pathlib import Path
 
 SETS = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.context_length=32",
         "train.batch_size=8", "train.eval_interval=10", "train.eval_steps=2", "train.ckpt_interval=1",
-        "train.keep_last=2", "train.log_interval=5", "optim.warmup_steps=5"]
+        "train.keep_last=1", "train.log_interval=5", "optim.warmup_steps=5"]
 
 
 def _train_cmd(data: Path, name: str, steps: int) -> list[str]:
