@@ -101,7 +101,8 @@ def _interrupt(cmd: list[str], env: dict, run_dir: Path, rng: random.Random, ste
     t0 = time.perf_counter()
     before = _progress(run_dir)[0]
     target = rng.randrange(steps)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a full pipe would block the process's exit
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     while proc.poll() is None and time.perf_counter() - t0 < 120:
         started, done = _progress(run_dir)
         if started > before and done >= target:
@@ -120,7 +121,10 @@ def _interrupt(cmd: list[str], env: dict, run_dir: Path, rng: random.Random, ste
             proc.send_signal(signal.SIGKILL)
     else:
         how = "finished first"
-    _, err = proc.communicate()
+    proc.wait()
+    log.seek(0)
+    err = log.read()
+    log.close()
     return {"how": how, "code": proc.returncode, "in_save": _in_save(run_dir), "traceback": "Traceback" in err,
             "logged_steps": len(_steps_logged(run_dir))}
 
