@@ -7,7 +7,9 @@ interruption, then runs ``--trials`` copies of the same run and stops each at a 
 - even trials: SIGKILL (a crash, the OOM killer, a lost node);
 - odd trials: a scheduler's preemption: SIGTERM, then SIGKILL after a random grace of 0-1.5 s (a
   clean exit takes about 0.5 s here, so some end with 143 and some are killed while saving or exiting);
-- about a third of the trials are killed once more while resuming (repeated preemption).
+- about a third of the trials are killed once more while resuming (repeated preemption);
+- in half of the trials of each kind the first stop is placed inside a checkpoint write (before its
+  files, after them, or after the manifest, through ``TFKIT_FAULT``), the rest at a random moment.
 
 Each trial is then resumed to the end with ``tfkit resume`` and its final ``model.safetensors`` is
 compared with the uninterrupted run's. Printed: bit-exact / trials, lost runs (no resume, an error,
@@ -94,25 +96,43 @@ def _steps_logged(run_dir: Path) -> list[int]:
     return steps
 
 
+SAVE_POINTS = ("save.begin", "save.files", "save.manifest")
+"""Moments inside a checkpoint write (tfkit/train/faults.py): before any file, after the data files,
+after the manifest (just before the rename)."""
+
+
 def _interrupt(cmd: list[str], env: dict, run_dir: Path, rng: random.Random, steps: int, step_s: float,
-               preempt: bool) -> dict:
+               preempt: bool, at_point: bool = False) -> dict:
     """Start ``cmd``; once its training has logged a random number of steps (0 … ``steps`` - 1), wait
-    a random part of a step (``step_s`` s: a step and its checkpoint) and stop it."""
+    a random part of a step (``step_s`` s: a step and its checkpoint) and stop it.
+
+    With ``at_point``, the stop lands inside the checkpoint write of a random step instead, at one of
+    :data:`SAVE_POINTS` (``TFKIT_FAULT``): the process SIGKILLs itself there, or for a preemption
+    sends itself SIGTERM there and is SIGKILLed after the grace.
+    """
     t0 = time.perf_counter()
     before = _progress(run_dir)[0]
     target = rng.randrange(steps)
+    point = ""
+    if at_point:
+        point = rng.choice(SAVE_POINTS)
+        env = {**env, "TFKIT_FAULT": f"{point}@{target + 1}={'term' if preempt else 'kill'}"}
     log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a full pipe would block the process's exit
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     while proc.poll() is None and time.perf_counter() - t0 < 120:
         started, done = _progress(run_dir)
-        if started > before and done >= target:
+        if started > before and done >= target + (1 if at_point else 0):
             break
         time.sleep(0.002)
-    time.sleep(rng.uniform(0.0, step_s))
-    how = "preempt" if preempt else "kill"
-    if proc.poll() is None:
+    if not (at_point and not preempt):
+        time.sleep(rng.uniform(0.0, step_s))
+    how = ("preempt" if preempt else "kill") + (f" at {point}" if point else "")
+    if at_point and not preempt:
+        proc.wait()  # it kills itself at the point
+    elif proc.poll() is None:
         if preempt:
-            proc.send_signal(signal.SIGTERM)
+            if not at_point:  # else it sent itself SIGTERM inside the write
+                proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=rng.uniform(0.0, 1.5))
             except subprocess.TimeoutExpired:
@@ -122,6 +142,8 @@ def _interrupt(cmd: list[str], env: dict, run_dir: Path, rng: random.Random, ste
     else:
         how = "finished first"
     proc.wait()
+    if at_point and not preempt and proc.returncode != -signal.SIGKILL:
+        how = "finished first"  # the point was never reached
     log.seek(0)
     err = log.read()
     log.close()
@@ -134,7 +156,8 @@ def trial(i: int, args, data: Path, home: Path, ref_sha: str, step_s: float) -> 
     name = f"trial-{i:03d}"
     run_dir = home / "runs" / name
     env = _env(home)
-    stops = [_interrupt(_train_cmd(data, name, args.steps), env, run_dir, rng, args.steps, step_s, preempt=i % 2 == 1)]
+    stops = [_interrupt(_train_cmd(data, name, args.steps), env, run_dir, rng, args.steps, step_s, preempt=i % 2 == 1,
+                        at_point=i % 4 >= 2)]
     if rng.random() < 1 / 3 and (run_dir / "run.json").is_file():  # preempted again while resuming
         left = args.steps - max(_steps_logged(run_dir), default=0)
         stops.append(_interrupt([sys.executable, "-m", "tfkit", "resume", name], env, run_dir, rng, max(1, left), step_s,
@@ -204,8 +227,9 @@ def main() -> None:
         "lost": sum(r["outcome"] == "lost" for r in results),
         "diverged": sum(r["outcome"] == "diverged" for r in results),
         "interruptions": len(stops),
-        "sigkill": sum(s["how"] == "kill" for s in stops),
-        "preemptions": sum(s["how"] == "preempt" for s in stops),
+        "sigkill": sum(s["how"].startswith("kill") for s in stops),
+        "preemptions": sum(s["how"].startswith("preempt") for s in stops),
+        "at_save_points": sum(" at " in s["how"] for s in stops),
         "finished_before_the_signal": sum(s["how"] == "finished first" for s in stops),
         "landed_in_a_save": sum(s["in_save"] for s in stops),
         "tracebacks": sum(s["traceback"] for s in stops),
@@ -227,7 +251,8 @@ def main() -> None:
         print(f"bit-exact: {summary['bit_exact']}/{args.trials}  lost: {summary['lost']}  diverged: {summary['diverged']}")
         print(f"interruptions: {summary['interruptions']} ({summary['sigkill']} SIGKILL, {summary['preemptions']} "
               f"SIGTERM+grace, {summary['finished_before_the_signal']} finished first); "
-              f"{summary['landed_in_a_save']} landed inside a checkpoint write")
+              f"{summary['at_save_points']} placed inside a checkpoint write, "
+              f"{summary['landed_in_a_save']} left a write unfinished")
         print(f"exit codes of the interrupted processes: {codes}; tracebacks: {summary['tracebacks']}")
         print(f"steps redone per trial: median {summary['median_steps_redone']}, max {summary['max_steps_redone']}; "
               f"{elapsed:.0f} s in all")
