@@ -125,16 +125,17 @@ def test_killed_before_the_first_checkpoint_resumes_from_step_zero(data, referen
     assert _final(tfkit_home, "early") == reference
 
 
-def _limit_file_size(limit):
+def _limit(kind, limit):
+    """A preexec_fn that sets the resource limit ``kind`` (RLIMIT_FSIZE, RLIMIT_AS) in the child."""
     def apply():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        resource.setrlimit(kind, (limit, limit))
     return apply
 
 
 def test_a_full_disk_is_exit_3_and_the_run_continues_once_there_is_room(data, tfkit_home):
     assert _tfkit(_train_args(data, "full", steps=10)).returncode == 0
     # files may not grow past 64 KiB: the ~120 KB model.safetensors of the next checkpoint cannot be written
-    r = _tfkit(["resume", "full", "--max-steps", "20"], preexec_fn=_limit_file_size(64 * 1024))
+    r = _tfkit(["resume", "full", "--max-steps", "20"], preexec_fn=_limit(resource.RLIMIT_FSIZE, 64 * 1024))
     assert r.returncode == 3, r.stderr
     first = next(line for line in r.stderr.splitlines() if line.startswith("error:"))
     assert first.startswith("error: cannot write checkpoint `") and "step-00000012`: File too large (" in first
@@ -194,17 +195,11 @@ def test_resume_records_deliberate_changes_and_refuses_accidental_ones(data, tfk
     assert "continuing despite changes (--allow-changes): train.batch_size 4 -> 8" in r.stderr
 
 
-def _limit_address_space(limit):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    return apply
-
-
 def test_running_out_of_host_memory_is_exit_1_with_advice(data, tfkit_home):
     assert _tfkit(_train_args(data, "oom", steps=4)).returncode == 0
     # 65,536 sequences of 16 tokens: the first activations alone need more than the 3 GiB allowed
     r = _tfkit(["resume", "oom", "--max-steps", "8", "--set", "train.batch_size=65536"],
-               preexec_fn=_limit_address_space(3 << 30))
+               preexec_fn=_limit(resource.RLIMIT_AS, 3 << 30))
     assert r.returncode == 1, r.stderr
     error = next(line for line in r.stderr.splitlines() if line.startswith("error:"))
     assert error.startswith("error: out of memory on cpu at step 5 (micro-batch 65536 x 16 tokens")

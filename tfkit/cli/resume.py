@@ -42,7 +42,6 @@ def command(
     from tfkit.train import runs
     from tfkit.train.loop import TrainJob, run as run_loop
     from tfkit.train.resume import describe, plan_resume
-    from tfkit.train.setup import load_run_config
 
     run_dir = runs.resolve_run(run)
     with runs.run_lock(run_dir):
@@ -63,7 +62,7 @@ def command(
         job = TrainJob(cfg=plan.cfg, runtime=runtime, run_dir=run_dir, resume=plan.checkpoint is not None,
                        checkpoint=plan.checkpoint or "latest", time_budget_s=plan.time_budget_s,
                        refit_schedule=plan.refit_schedule, peak_flops=hardware.peak_flops(hw, runtime),
-                       reset_loader=plan.reset_loader, write_config=plan.cfg != load_run_config(run_dir),
+                       reset_loader=plan.reset_loader, write_config=plan.config_changed,
                        fingerprints=plan.fingerprints,
                        gpu_names=tuple(g.name for g in hw.gpus))
         with Dashboard() as dash:

@@ -23,7 +23,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -69,7 +69,6 @@ class TrainJob:
             fails before its first checkpoint.
         fingerprints: the data fingerprints, when the caller measured them already.
         gpu_names: names of the visible CUDA GPUs, for ``env.json``.
-        session: extra facts for this session's ``env.json`` entry.
     """
 
     cfg: RunConfig
@@ -85,7 +84,6 @@ class TrainJob:
     write_config: bool = False
     fingerprints: Optional[dict[str, Any]] = None
     gpu_names: tuple[str, ...] = ()
-    session: dict[str, Any] = field(default_factory=dict)
 
 
 class _StopFlag:
@@ -430,7 +428,7 @@ class _Trainer:
             **runs.environment(self.device, job.gpu_names), "event": "resume" if job.resume else "train",
             "from_step": state.step, "runtime": {"precision": rt.precision, "attention": rt.attention,
                                                  "compile": rt.compile},
-            "data": self.fingerprints, **job.session})
+            "data": self.fingerprints})
 
     def train(self) -> None:
         state, t = self.state, self.cfg.train
@@ -528,17 +526,14 @@ class _Trainer:
         parts = {k: float(v) for k, v in parts_acc.items()}
         stats = {k: float(v) for k, v in stats_acc.items()}
         if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(f"non-finite loss ({loss_sum}) at step {state.step + 1}; the optimizer step was skipped",
-                                f"resume from the last checkpoint with a lower learning rate: `tfkit resume "
-                                f"{self.run_dir.name} --set optim.lr={cfg.optim.lr / 4:g}`; or raise `optim.warmup_steps`, "
-                                "or use `system.precision=fp32`")
+            raise self.diverged(f"non-finite loss ({loss_sum}) at step {state.step + 1}; the optimizer step was skipped",
+                                "raise `optim.warmup_steps`, or use `system.precision=fp32`")
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            raise NonFiniteLoss(f"non-finite gradient norm at step {state.step + 1}; the optimizer step was skipped",
-                                f"resume from the last checkpoint with a lower learning rate: `tfkit resume "
-                                f"{self.run_dir.name} --set optim.lr={cfg.optim.lr / 4:g}`, or set `optim.grad_clip`")
+            raise self.diverged(f"non-finite gradient norm at step {state.step + 1}; the optimizer step was skipped",
+                                "set `optim.grad_clip`")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -616,9 +611,8 @@ class _Trainer:
         state.eval_pending = False
         self.n_evals += 1
         if not math.isfinite(r["loss"]):
-            raise NonFiniteLoss(f"non-finite validation loss ({r['loss']}) at step {state.step}",
-                                f"resume from the last checkpoint with a lower learning rate: `tfkit resume "
-                                f"{self.run_dir.name} --set optim.lr={self.cfg.optim.lr / 4:g}`, or use `system.precision=fp32`")
+            raise self.diverged(f"non-finite validation loss ({r['loss']}) at step {state.step}",
+                                "use `system.precision=fp32`")
         best = state.best_val_loss is None or r["loss"] < state.best_val_loss
         if best:
             state.best_val_loss, state.best_step = r["loss"], state.step
@@ -637,6 +631,13 @@ class _Trainer:
         self.last_eval = ev
         return ev
 
+    def diverged(self, message: str, other_fix: str = "") -> NonFiniteLoss:
+        """The error for a run that went non-finite; its hint is the command that resumes from the last
+        checkpoint with a quarter of the learning rate, then ``other_fix``."""
+        hint = (f"resume from the last checkpoint with a lower learning rate: `tfkit resume {self.run_dir.name} "
+                f"--set optim.lr={self.cfg.optim.lr / 4:g}`")
+        return NonFiniteLoss(message, f"{hint}; or {other_fix}" if other_fix else hint)
+
     def check_weights(self) -> None:
         """Refuse to write weights holding NaN/Inf.
 
@@ -645,9 +646,8 @@ class _Trainer:
         """
         bad = ckpt_mod.first_non_finite(self.model)
         if bad is not None:
-            raise NonFiniteLoss(f"weight `{bad}` holds NaN or Inf at step {self.state.step}; no checkpoint holding it "
-                                "was written", f"resume from the last checkpoint with a lower learning rate: `tfkit resume "
-                                f"{self.run_dir.name} --set optim.lr={self.cfg.optim.lr / 4:g}`")
+            raise self.diverged(f"weight `{bad}` holds NaN or Inf at step {self.state.step}; no checkpoint holding it "
+                                "was written")
 
     def checkpoint(self) -> None:
         """Write a full checkpoint of the current state, unless exactly this state is on disk already;

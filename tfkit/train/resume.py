@@ -40,6 +40,7 @@ class ResumePlan:
         time_budget_s: wall-clock seconds for this session (``--max-time``), or ``None``.
         refit_schedule: fit the learning-rate schedule to the new step or time budget.
         fingerprints: the data fingerprints measured now (:func:`tfkit.train.runs.data_fingerprints`).
+        config_changed: ``cfg`` differs from the run's ``config.yaml`` (it is written when training starts).
     """
 
     cfg: RunConfig
@@ -52,6 +53,7 @@ class ResumePlan:
     time_budget_s: Optional[float] = None
     refit_schedule: bool = False
     fingerprints: Optional[dict[str, Any]] = None
+    config_changed: bool = False
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -206,7 +208,7 @@ def plan_resume(run_dir: Path, checkpoint: str = "latest", overrides: Optional[l
         _check_budget(run_dir, cfg, state, step, max_steps, budget)
     return ResumePlan(cfg=cfg, checkpoint=ckpt, step=step, changes=changes, allowed={**unannounced, **data_changes},
                       reset_loader=bool(reset_loader), notes=plan_notes, time_budget_s=budget,
-                      refit_schedule=bool(max_steps or budget), fingerprints=now)
+                      refit_schedule=bool(max_steps or budget), fingerprints=now, config_changed=cfg != cfg_disk)
 
 
 def _check_tokenizer(run_dir: Path, now: dict[str, Any], deliberate: set[str]) -> None:
