@@ -374,6 +374,10 @@ class SystemConfig(_Section):
     )
     seed: int = Field(0, ge=0, description="Random seed for init, data order and dropout.")
     grad_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(
+        "auto", description="With several processes (torchrun): auto (DDP when the model and its AdamW state fit "
+                            "on one device, else FSDP2), ddp, fsdp (shard weights, gradients and optimizer state), "
+                            "or none (one process only).")
 
     @field_validator("compile", mode="before")
     @classmethod

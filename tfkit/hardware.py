@@ -361,7 +361,10 @@ class Runtime:
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler).
         attention: ``"sdpa"`` (PyTorch), ``"flash"`` (flash-attn) or ``"eager"`` (reference).
         compile: whether to ``torch.compile`` the model.
-        reasons: keys ``device``, ``precision``, ``attention``, ``compile``: why each was chosen.
+        reasons: keys ``device``, ``precision``, ``attention``, ``compile`` (and ``distributed`` once
+            :func:`resolve_distributed` ran): why each was chosen.
+        distributed: ``"none"`` (one process), ``"ddp"`` or ``"fsdp"``.
+        world_size: processes training together (torchrun's ``WORLD_SIZE``).
     """
 
     device: str
@@ -369,6 +372,8 @@ class Runtime:
     attention: str
     compile: bool
     reasons: dict[str, str] = field(default_factory=dict)
+    distributed: str = "none"
+    world_size: int = 1
 
     @property
     def device_type(self) -> str:
@@ -388,6 +393,17 @@ class Runtime:
         return {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[self.precision]
 
     @property
+    def autocast(self):
+        """The autocast context of this precision on this device (a null context for fp32)."""
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(device_type=self.device_type, dtype=getattr(torch, self.autocast_dtype))
+
+    @property
     def needs_grad_scaler(self) -> bool:
         """True for fp16, whose narrow exponent range needs dynamic loss scaling."""
         return self.precision == "fp16"
@@ -395,7 +411,8 @@ class Runtime:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the choices and their reasons."""
         return {"device": self.device, "precision": self.precision, "attention": self.attention,
-                "compile": self.compile, "reasons": dict(self.reasons)}
+                "compile": self.compile, "distributed": self.distributed, "world_size": self.world_size,
+                "reasons": dict(self.reasons)}
 
 
 def _gpu_desc(g: GPU) -> str:
@@ -406,7 +423,8 @@ def _resolve_device(want: str, hw: Hardware) -> tuple[str, str, Optional[GPU]]:
     if want == "auto":
         if hw.gpus:
             g = hw.gpus[0]
-            more = f" (+{len(hw.gpus) - 1} more, unused)" if len(hw.gpus) > 1 else ""
+            more = (f" (+{len(hw.gpus) - 1} more: train on all with `tfkit train --nproc-per-node {len(hw.gpus)}`)"
+                    if len(hw.gpus) > 1 else "")
             return "cuda", f"auto: CUDA GPU 0 is {_gpu_desc(g)}{more}", g
         if hw.mps:
             return "mps", "auto: no CUDA GPU; Apple MPS is available", None
@@ -524,6 +542,53 @@ def resolve(system: config.SystemConfig, hw: Hardware) -> Runtime:
     compile_, r_comp = _resolve_compile(system.compile, device, gpu)
     return Runtime(device=device, precision=precision, attention=attention, compile=compile_,
                    reasons={"device": r_dev, "precision": r_prec, "attention": r_attn, "compile": r_comp})
+
+
+def resolve_distributed(cfg: "config.RunConfig", hw: Hardware, runtime: Runtime, world_size: int,
+                        local_rank: int = 0) -> Runtime:
+    """Add the multi-process choice to ``runtime``: which GPU this rank uses, and DDP or FSDP2.
+
+    ``auto``: DDP when the model with its gradients, AdamW state and activations (the estimate
+    behind ``--preset auto``) fits in :data:`MEMORY_FRACTION` of one device, else FSDP2, which
+    shards weights, gradients and optimizer state over the ranks. One process is always ``none``.
+
+    Raises:
+        HardwareError: ``system.distributed=none`` with several processes, or more ranks on a node
+            than it has GPUs.
+    """
+    want = cfg.system.distributed
+    reasons = dict(runtime.reasons)
+    device = runtime.device
+    if world_size <= 1:
+        reasons["distributed"] = "one process" + (" (system.distributed is ignored)" if want in ("ddp", "fsdp") else "")
+        return dataclasses.replace(runtime, distributed="none", world_size=1, reasons=reasons)
+    if want == "none":
+        raise HardwareError(f"system.distributed=none, but torchrun started {world_size} processes",
+                            "set `--set system.distributed=auto` (or ddp/fsdp), or run without torchrun")
+    if runtime.device_type == "cuda":
+        if local_rank >= len(hw.gpus):
+            raise HardwareError(f"rank {local_rank} on this node has no GPU of its own ({len(hw.gpus)} visible)",
+                                f"use at most `--nproc-per-node {len(hw.gpus)}`")
+        device = f"cuda:{local_rank}"
+        reasons["device"] = f"rank {local_rank} of this node: {_gpu_desc(hw.gpus[local_rank])}"
+    if want in ("ddp", "fsdp"):
+        reasons["distributed"] = f"requested (system.distributed={want}), {world_size} processes"
+        return dataclasses.replace(runtime, device=device, distributed=want, world_size=world_size, reasons=reasons)
+    act = 2 if runtime.precision in ("bf16", "fp16") else 4
+    need = int(config.estimate_train_memory(cfg, bytes_per_activation=act)["total"])
+    budget = int(MEMORY_FRACTION * device_memory_bytes(hw, runtime))
+    if need <= budget:
+        mode, why = "ddp", f"the model with its AdamW state (~{_gib(need)}) fits one device ({_gib(budget)} budget)"
+    else:
+        mode, why = "fsdp", (f"the model with its AdamW state (~{_gib(need)}) does not fit one device "
+                             f"({_gib(budget)} budget): shard it over {world_size} processes")
+    reasons["distributed"] = f"auto: {why}"
+    return dataclasses.replace(runtime, device=device, distributed=mode, world_size=world_size, reasons=reasons)
+
+
+def torchrun_command(n: int, args: str = "train --preset auto") -> str:
+    """The command that trains on ``n`` local GPUs (what ``tfkit train --nproc-per-node`` runs)."""
+    return f"torchrun --standalone --nproc-per-node {n} -m tfkit {args}"
 
 
 # ---------------------------------------------------------------------------------------------

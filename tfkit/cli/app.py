@@ -25,9 +25,11 @@ def report(message: str, hint: str = "") -> None:
     """Print ``error: message`` and ``hint: hint`` on stderr."""
     from rich.markup import escape
 
-    from tfkit.cli.output import err
+    from tfkit.cli.output import err, process_rank
 
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    rank = process_rank()
+    where = f"[rank {rank}] " if rank else ""  # under torchrun, say which process failed
+    err.print(f"{where}[bold red]error:[/bold red] {escape(message)}", highlight=False)
     if hint:
         err.print(f"[bold]hint:[/bold] {escape(hint)}", highlight=False)
 

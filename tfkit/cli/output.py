@@ -16,19 +16,34 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 """Console for everything a person reads (messages, progress, dashboard)."""
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (``RANK``), 0 otherwise."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def quiet() -> bool:
+    """True on ranks 1..N-1 of a distributed run: rank 0 speaks for all of them (errors excepted)."""
+    return process_rank() != 0
+
+
 def stderr_is_terminal() -> bool:
     """True when stderr is an interactive terminal (live dashboard, progress bars)."""
     return err.is_terminal and os.environ.get("TERM") != "dumb"
 
 
 def info(message: str) -> None:
-    """One human-readable line on stderr (Rich markup allowed)."""
-    err.print(message)
+    """One human-readable line on stderr (Rich markup allowed); silent on ranks other than 0."""
+    if not quiet():
+        err.print(message)
 
 
 def warn(message: str) -> None:
-    """A `warning:` line on stderr."""
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    """A `warning:` line on stderr; silent on ranks other than 0."""
+    if not quiet():
+        err.print(f"[yellow]warning:[/yellow] {message}")
 
 
 def print_json(data: Any) -> None:

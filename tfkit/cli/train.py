@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -58,6 +59,55 @@ def _init_checkpoint(init_from: str, cfg) -> Path:
     return ckpt
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process with ``torchrun --standalone --nproc-per-node N -m tfkit ARGS`` (PyTorch's
+    own launcher, ``torch.distributed.run``), ``ARGS`` being this command line without
+    ``--nproc-per-node``. The process keeps its pid, so a scheduler's SIGTERM reaches torchrun, which
+    passes it to every rank."""
+    import os
+    import sys
+
+    from tfkit.hardware import torchrun_command
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            args.append(a)
+    info(f"starting: {torchrun_command(nproc, ' '.join(args))}")
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={nproc}", "-m", "tfkit", *args])
+
+
+def run_job(job, dist, json_out: bool, extra: dict) -> None:
+    """Train ``job`` (every rank), show the dashboard and the summary on rank 0, and leave the
+    process group; ranks other than 0 exit with rank 0's code, silently."""
+    from contextlib import nullcontext
+
+    from tfkit.cli.dashboard import Dashboard
+    from tfkit.train.loop import run
+
+    try:
+        with (Dashboard() if dist.is_main else nullcontext(lambda e: None)) as sink:
+            finished = run(job, on_event=sink)
+    finally:
+        dist.close()
+    if dist.is_main:
+        report_finished(job.run_dir, finished, json_out, extra)
+    elif finished.reason in ("sigterm", "interrupted"):
+        raise typer.Exit(143 if finished.reason == "sigterm" else 130)
+
+
+NprocOpt = Annotated[Optional[int], typer.Option(
+    "--nproc-per-node", min=1, help="Train on N processes of this machine (one per GPU) through torchrun; "
+    "the same as `torchrun --standalone --nproc-per-node N -m tfkit train ...`. For several machines run "
+    "torchrun yourself (see the README).")]
+
+
 def command(
     config_file: ConfigFileOpt = None,
     preset: PresetOpt = None,
@@ -69,6 +119,7 @@ def command(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps to train (sets train.max_steps; without --max-time it also lifts the preset's time budget).")] = None,
     max_time: Annotated[Optional[str], typer.Option("--max-time", help="Wall-clock budget such as 90s, 5m, 2h (sets train.max_time).")] = None,
     init_from: Annotated[Optional[str], typer.Option("--init-from", metavar="RUN", help="Start from another run's latest weights: tensors that match by name and shape are loaded, the rest start fresh (e.g. turn a llama run into a mod run).")] = None,
+    nproc_per_node: NprocOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a language model, with a live dashboard.
@@ -86,10 +137,18 @@ def command(
       tfkit train -c tfkit.yaml --set optim.lr=3e-4 --name my-run
 
       tfkit train --preset nano --set model.arch=mod --init-from my-llama-run
+
+      tfkit train --preset small --nproc-per-node 8
     """
+    import sys
+
     from tfkit import config as config_mod
     from tfkit import hardware
+    from tfkit.train import distributed
 
+    world = distributed.env_world_size()
+    if nproc_per_node and nproc_per_node > 1 and world == 1:
+        launch_torchrun(nproc_per_node, sys.argv[1:])
     sets = list(overrides or [])
     for key, value in (("data.train", train_data), ("data.val", val_data), ("data.tokenizer", tokenizer),
                        ("train.max_steps", max_steps), ("train.max_time", max_time)):
@@ -108,27 +167,37 @@ def command(
         info(f"preset: [bold]{choice.name}[/bold] - auto: {choice.reason}")
     cfg = config_mod.load(config_file, chosen, sets)
     runtime = hardware.resolve(cfg.system, hw)
-    for key in ("device", "precision", "attention", "compile"):
+    runtime = hardware.resolve_distributed(cfg, hw, runtime, world, int(os.environ.get("LOCAL_RANK", "0")))
+    for key in ("device", "precision", "attention", "compile") + (("distributed",) if world > 1 else ()):
         info(f"{key}: [bold]{getattr(runtime, key)}[/bold] - {runtime.reasons.get(key, '')}")
+    dist = distributed.init(runtime.device_type)
 
     from tfkit.train.setup import default_run_name, new_run, resolve_data
 
-    if cfg.data.train is None:
-        info("data: bundled Shakespeare (complete works); tokenizer and token files are cached after the first run")
-    with progress_bar("preparing the bundled corpus", None) as advance:
-        cfg = resolve_data(cfg, on_status=lambda s: info(s), on_progress=advance)
-    if not cfg.data.tokenizer:
-        warn("no tokenizer given: bits per byte and `tfkit generate` need one (`--tokenizer tokenizer.json`)")
-    init_ckpt = _init_checkpoint(init_from, cfg) if init_from else None
-    run_dir = new_run(cfg, name or default_run_name(cfg, chosen), chosen)
+    def make_run():  # rank 0 alone: the corpus cache, the run folder and its name
+        data_cfg = cfg
+        if data_cfg.data.train is None:
+            info("data: bundled Shakespeare (complete works); tokenizer and token files are cached after the first run")
+        with progress_bar("preparing the bundled corpus", None) as advance:
+            data_cfg = resolve_data(data_cfg, on_status=lambda s: info(s), on_progress=advance)
+        if not data_cfg.data.tokenizer:
+            warn("no tokenizer given: bits per byte and `tfkit generate` need one (`--tokenizer tokenizer.json`)")
+        init_ckpt = _init_checkpoint(init_from, data_cfg) if init_from else None
+        return data_cfg, new_run(data_cfg, name or default_run_name(data_cfg, chosen), chosen), init_ckpt
 
-    from tfkit.cli.dashboard import Dashboard
-    from tfkit.train.loop import TrainJob, run
+    try:
+        cfg, run_dir, init_ckpt = dist.on_main(make_run)
+    except BaseException:
+        dist.close()
+        raise
+
+    from contextlib import nullcontext
+
+    from tfkit.train.loop import TrainJob
     from tfkit.train.runs import run_lock
 
     job = TrainJob(cfg=cfg, runtime=runtime, run_dir=run_dir, peak_flops=hardware.peak_flops(hw, runtime),
-                   init_from=init_ckpt, gpu_names=tuple(g.name for g in hw.gpus))
-    with run_lock(run_dir), Dashboard() as dash:
-        finished = run(job, on_event=dash)
-    report_finished(run_dir, finished, json_out, {"preset": chosen, "device": runtime.device,
-                                                 "precision": runtime.precision})
+                   init_from=init_ckpt, gpu_names=tuple(g.name for g in hw.gpus), dist=dist)
+    with run_lock(run_dir) if dist.is_main else nullcontext():
+        run_job(job, dist, json_out, {"preset": chosen, "device": runtime.device, "precision": runtime.precision,
+                                      "world_size": runtime.world_size, "distributed": runtime.distributed})

@@ -95,15 +95,23 @@ class BatchLoader:
                 self.index = 0
         return starts
 
-    def next_batch(self):
+    def next_batch(self, rank: int = 0, world_size: int = 1):
         """The next batch ``(x, y)``: int64 CPU tensors of shape ``(B, T)``.
 
         Each row comes from a window ``w`` of T+1 tokens: ``x = w[:-1]``, ``y = w[1:]`` (the targets
         are the inputs shifted left by one token).
+
+        With ``world_size`` N > 1, every rank walks the same stream of batches and takes the
+        ``rank``-th of each N consecutive ones (the others are skipped without reading tokens):
+        the ranks' batches are disjoint and together are the batches one process would see.
         """
         import torch
 
+        for _ in range(rank):
+            self._next_starts()
         starts = self._next_starts()
+        for _ in range(world_size - 1 - rank):
+            self._next_starts()
         idx = starts[:, None] + np.arange(self.context_length + 1, dtype=np.int64)  # (B, T+1)
         windows = np.asarray(self.tokens[idx]).astype(np.int64)  # (B, T+1)
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)

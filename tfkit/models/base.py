@@ -200,6 +200,12 @@ class LanguageModel(nn.Module):
 
     # -- shared helpers -----------------------------------------------------------------------
 
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 shards one by one (``fully_shard``; arXiv 2304.11277), each gathered
+        just before its ``forward`` runs: the blocks. A variant that calls parts of a block directly
+        instead of the block's ``forward`` lists those parts."""
+        return list(getattr(self, "blocks", []))
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, shared storage counted once.
 

@@ -277,6 +277,13 @@ class HyperConnectionTransformer(LanguageModel):
         cfg, n = self.config, self.mhc.n_streams
         return base + 12.0 * cfg.n_layers * cfg.d_model * n * (n + 2)
 
+    def shard_units(self) -> list[nn.Module]:
+        """With the mixers, each block's attention and FFN are called one by one (through the
+        mixers), never the block's ``forward``: FSDP2 shards those."""
+        if self.mixers is None:
+            return super().shard_units()
+        return [m for b in self.blocks for m in (b.attn, b.ffn)]
+
     def _layer(self, i: int, x: Tensor, cos: Tensor, sin: Tensor,
                cache: Optional[KVCache] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Layer i on the streams x (B, T, n, d) -> (x', H_res attn, H_res ffn), H_res detached (B, T, n, n)."""

@@ -4,8 +4,9 @@ A run's ``checkpoints/`` folder holds ``step-NNNNNNNN/`` folders (full checkpoin
 (the weights of the best evaluation so far). A full checkpoint holds
 
 - ``model.safetensors``: weights (shared/tied tensors stored once, by ``safetensors.torch.save_model``);
-- ``optimizer.safetensors``: AdamW moments and step counters, keyed ``state.<param index>.<name>``;
-- ``rng.safetensors``: torch RNG states (CPU, and each CUDA device);
+- ``optimizer.safetensors``: AdamW moments and step counters, keyed ``state.<parameter name>.<field>``
+  (by name, so a checkpoint resumes at any world size; older ones are keyed by position);
+- ``rng.safetensors``: torch RNG states (CPU, and each CUDA device) of every rank (rank r>0 under ``rank<r>/``);
 - ``state.json``: step, tokens seen, schedule length, data-loader position, optimizer hyper-parameters,
   grad-scaler state, Python/NumPy RNG states, and what produced it (the resolved config, the data
   fingerprints, the tfkit version);
@@ -367,25 +368,62 @@ class TrainState:
     eval_pending: bool = False
 
 
-def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, not by position (the form FSDP2's full state
+    dict has too), so a checkpoint loads into any world size and any wrapping of the model.
+
+    Returns:
+        ``{"state": {name: {"step", "exp_avg", ...}}, "param_groups": [{..., "params": [names]}]}``.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{idx}.{key}"] = t.detach().contiguous().cpu()
-    return tensors, sd["param_groups"]
-
-
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
+    state = {order[i]: {k: v for k, v in st.items()} for i, st in sd["state"].items()}
+    groups = [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
-def _rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any]) -> None:
+    """Load what :func:`named_optimizer_state` gives (or the position-keyed form of older checkpoints).
+
+    Raises:
+        CheckpointError: the saved parameter groups do not name this model's parameters.
+    """
+    groups = named["param_groups"]
+    if any(isinstance(i, int) for g in groups for i in g["params"]):  # written before names (format 1)
+        optimizer.load_state_dict(named)
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if len(groups) != len(current) or any(set(g["params"]) != set(c) for g, c in zip(groups, current)):
+        raise CheckpointError("the optimizer state in the checkpoint names other parameters than this model has",
+                              "resume with the config the run was trained with")
+    index = {n: i for i, n in enumerate(n for c in current for n in c)}
+    state = {index[n]: st for n, st in named["state"].items() if n in index}
+    pg = [dict(g, params=[index[n] for n in c]) for g, c in zip(groups, current)]
+    optimizer.load_state_dict({"state": state, "param_groups": pg})
+
+
+def _optimizer_to_flat(named: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, st in named["state"].items():
+        for key, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{name}.{key}"] = t.detach().contiguous().cpu()
+    return tensors, named["param_groups"]
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    by_index = any(isinstance(i, int) for g in groups for i in g["params"])
+    state: dict[Any, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, field_ = key.split(".", 1)[1].rsplit(".", 1)
+        state.setdefault(int(name) if by_index else name, {})[field_] = t
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states: torch CPU and CUDA as tensors, Python and NumPy as JSON-safe lists."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -397,7 +435,8 @@ def _rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _set_rng_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` gave."""
     torch.set_rng_state(tensors["torch_cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
     if cuda and torch.cuda.is_available():
@@ -410,10 +449,33 @@ def _set_rng_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> N
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def first_non_finite(model: torch.nn.Module) -> Optional[str]:
-    """Name of the first parameter or buffer holding NaN or Inf, or ``None`` when all are finite."""
+def _rng_files(ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Rank 0's states under their plain names, rank r's under ``rank<r>/``; JSON parts apart."""
+    tensors: dict[str, torch.Tensor] = {}
+    by_rank: dict[str, Any] = {}
+    for r, (t, meta) in enumerate(ranks):
+        prefix = "" if r == 0 else f"rank{r}/"
+        tensors.update({prefix + k: v.contiguous().cpu() for k, v in t.items()})
+        if r:
+            by_rank[str(r)] = meta
+    return tensors, ranks[0][1], by_rank
+
+
+def rng_of_rank(tensors: dict[str, torch.Tensor], data: dict[str, Any], rank: int) -> tuple[dict, dict]:
+    """The RNG states a checkpoint saved for ``rank`` (rank 0's when it saved fewer ranks)."""
+    prefix = f"rank{rank}/"
+    if rank and any(k.startswith(prefix) for k in tensors):
+        return ({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                data.get("rng_by_rank", {}).get(str(rank), {}))
+    return {k: v for k, v in tensors.items() if "/" not in k}, data.get("rng", {})
+
+
+def first_non_finite(model: torch.nn.Module | dict[str, torch.Tensor]) -> Optional[str]:
+    """Name of the first parameter or buffer (of a module, or in a dict of tensors) holding NaN or
+    Inf, or ``None`` when all are finite."""
+    tensors = model if isinstance(model, dict) else model.state_dict()
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return name
     return None
@@ -482,47 +544,65 @@ def _write_folder(final: Path, write_files: Callable[[Path], None], kind: str, s
     return final
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    scaler: Any = None, meta: Optional[dict[str, Any]] = None) -> Path:
+def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict[str, Any], state: TrainState, scaler: Any = None,
+                    meta: Optional[dict[str, Any]] = None,
+                    rng: Optional[list[tuple[dict[str, torch.Tensor], dict[str, Any]]]] = None) -> Path:
     """Write ``checkpoints/step-N/`` atomically; an existing ``step-N/`` is replaced only once the new
     one is complete.
 
     Args:
+        model: the module, or its weights already gathered to this process (one key per tensor:
+            ``LanguageModel.state_dict_for_save`` form).
+        optimizer: the optimizer (of ``model``, which must then be a module), or its state keyed by
+            parameter name (:func:`named_optimizer_state`, or FSDP2's full optimizer state dict).
         meta: JSON-safe facts stored in ``state.json`` (the resolved ``config``, the ``data``
             fingerprints) for ``tfkit resume`` to check against.
+        rng: each rank's :func:`rng_state`, rank 0 first; default: this process's alone.
 
     Raises:
         CheckpointError: the disk is full or not writable (names the folder and the free space; the
             earlier checkpoints are intact).
     """
+    named = optimizer if isinstance(optimizer, dict) else named_optimizer_state(model, optimizer)  # type: ignore[arg-type]
+    ranks = rng if rng is not None else [rng_state()]
+
     def write(tmp: Path) -> None:
-        save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, groups = _optimizer_to_flat(optimizer)
+        _save_weights(model, tmp / "model.safetensors")
+        opt_tensors, groups = _optimizer_to_flat(named)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng_tensors, rng_meta = _rng_states()
+        rng_tensors, rng_meta, by_rank = _rng_files(ranks)
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         payload = {"format_version": FORMAT_VERSION, "tfkit_version": __version__, **state.__dict__,
                    "optimizer_param_groups": groups,
                    "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                   "rng": rng_meta, **(meta or {})}
+                   "rng": rng_meta, "rng_by_rank": by_rank, "world_size": len(ranks), **(meta or {})}
         (tmp / "state.json").write_text(json.dumps(payload))
 
     final = checkpoints_dir(run_dir) / step_dir_name(state.step)
     return _write_folder(final, write, "full", state.step, next_seq(run_dir))
 
 
-def save_best(run_dir: Path, model: torch.nn.Module, step: int, info: dict[str, Any]) -> Path:
+def _save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    if isinstance(model, dict):
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(path), metadata={"format": "pt"})
+    else:
+        save_model(model, str(path))
+
+
+def save_best(run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], step: int, info: dict[str, Any]) -> Path:
     """Write the weights of a new best evaluation to ``checkpoints/best/`` (atomically, replacing the
     previous best only once complete).
 
     Args:
+        model: the module, or its gathered weights (as for :func:`save_checkpoint`).
         info: JSON-safe facts for its ``state.json`` (``val_loss``, ``bits_per_byte``...).
 
     Raises:
         CheckpointError: the disk is full or not writable.
     """
     def write(tmp: Path) -> None:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         faults.hit("best.files", step)
         (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "tfkit_version": __version__,
                                                     "step": step, **info}))
@@ -653,31 +733,77 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     return data
 
 
+@dataclass
+class TrainingFiles:
+    """A full checkpoint read into memory, not yet applied to a model (every rank reads its own).
+
+    Attributes:
+        weights: tensors of ``model.safetensors`` (on the requested device).
+        optimizer: the optimizer state keyed by parameter name (position-keyed in older checkpoints).
+        state: the loop state.
+        data: the whole ``state.json``.
+        rng: the tensors of ``rng.safetensors`` (every rank's).
+    """
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: TrainState
+    data: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks wrote it (1 for checkpoints from before distributed training)."""
+        return int(self.data.get("world_size", 1))
+
+
+def read_training_state(ckpt: Path, device: str | torch.device = "cpu") -> TrainingFiles:
+    """Read a full checkpoint's files.
+
+    Raises:
+        CheckpointError: any file unreadable, or ``ckpt`` holds weights only (``best/``).
+    """
+    if read_manifest(ckpt)["kind"] != "full":
+        raise CheckpointError(f"`{ckpt}` holds weights only, not the optimizer and data state a resume needs",
+                              "resume from a step checkpoint: `--checkpoint latest` or a step number")
+    data = load_state(ckpt)
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
+        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"), device=str(device))
+        named = _optimizer_from_flat(opt_tensors, data["optimizer_param_groups"])
+        rng_tensors = load_file(str(ckpt / "rng.safetensors"))
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"`{ckpt}`: cannot read its weights, optimizer or RNG state ({exc})",
+                              "use an earlier checkpoint") from None
+    fields = TrainState.__dataclass_fields__
+    return TrainingFiles(weights, named, TrainState(**{k: v for k, v in data.items() if k in fields}), data, rng_tensors)
+
+
+def restore_extras(files: TrainingFiles, optimizer: torch.optim.Optimizer, scaler: Any = None, rank: int = 0) -> None:
+    """After the weights and optimizer state are in: the grad scaler and this rank's RNG states, and
+    the optimizer's ``step`` counters moved back to the CPU where non-fused AdamW keeps them."""
+    for st in optimizer.state.values():
+        if "step" in st and torch.is_tensor(st["step"]) and not optimizer.defaults.get("fused"):
+            st["step"] = st["step"].cpu()
+    if scaler is not None and files.data.get("grad_scaler"):
+        scaler.load_state_dict(files.data["grad_scaler"])
+    set_rng_state(*rng_of_rank(files.rng, files.data, rank))
+
+
 def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None,
                         device: str | torch.device = "cpu") -> TrainState:
-    """Restore weights, optimizer, grad scaler and RNG states from ``ckpt``; return the loop state.
+    """Restore weights, optimizer, grad scaler and RNG states from ``ckpt`` into one process; return
+    the loop state.
 
     Raises:
         CheckpointError: any file unreadable or inconsistent with the model, or ``ckpt`` holds
             weights only (``best/``).
     """
-    if read_manifest(ckpt)["kind"] != "full":
-        raise CheckpointError(f"`{ckpt}` holds weights only, not the optimizer and data state a resume needs",
-                              "resume from a step checkpoint: `--checkpoint latest` or a step number")
+    files = read_training_state(ckpt, device)
     load_weights(model, ckpt, device)
-    data = load_state(ckpt)
     try:
-        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"), device=str(device))
-        optimizer.load_state_dict(_optimizer_from_flat(opt_tensors, data["optimizer_param_groups"]))
-        rng_tensors = load_file(str(ckpt / "rng.safetensors"))
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"`{ckpt}`: cannot restore optimizer/RNG state ({exc})", "use an earlier checkpoint") from None
-    # optimizer "step" counters must stay on CPU for non-fused AdamW, as PyTorch creates them
-    for st in optimizer.state.values():
-        if "step" in st and torch.is_tensor(st["step"]) and not optimizer.defaults.get("fused"):
-            st["step"] = st["step"].cpu()
-    if scaler is not None and data.get("grad_scaler"):
-        scaler.load_state_dict(data["grad_scaler"])
-    _set_rng_states(rng_tensors, data.get("rng", {}))
-    fields = TrainState.__dataclass_fields__
-    return TrainState(**{k: v for k, v in data.items() if k in fields})
+        load_named_optimizer_state(model, optimizer, files.optimizer)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"`{ckpt}`: cannot restore the optimizer state ({exc})", "use an earlier checkpoint") from None
+    restore_extras(files, optimizer, scaler)
+    return files.state

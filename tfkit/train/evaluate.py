@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
 
 def autocast_context(device: str, precision: str):
-    """``torch.autocast`` for bf16/fp16, a null context for fp32."""
+    """``torch.autocast`` for bf16/fp16, a null context for fp32 (``Runtime.autocast`` for a runtime)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -24,12 +24,17 @@ def autocast_context(device: str, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str,
-             precision: str = "fp32", byte_lengths: Optional[torch.Tensor] = None) -> dict:
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple], device: str, precision: str = "fp32",
+             byte_lengths: Optional[torch.Tensor] = None,
+             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """Mean validation metrics over ``batches`` of ``(x, y)`` int64 tensors of shape (B, T).
 
     Args:
+        batches: ``(x, y)`` or ``(x, y, counted)``; a batch with ``counted`` False runs the forward
+            but adds nothing (it keeps ranks in step when they hold different numbers of batches).
         byte_lengths: (V,) int tensor, UTF-8 bytes each token id stands for; ``None`` = no bpb.
+        reduce: sums a float64 tensor of this process's totals over processes, in place (the
+            ranks of a distributed run each evaluate a share); ``None`` = one process.
 
     The loss per position is the cross-entropy of the logits, plus the model's ``extra_nats``
     when it reports them (the Free Transformer's KL, making the figure an upper bound on the NLL).
@@ -43,38 +48,46 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     """
     was_training = model.training
     model.eval()
-    total_nll, total_tokens, text_nll, total_bytes, n_batches = 0.0, 0, 0.0, 0, 0
-    parts: dict[str, float] = {}
-    stats: dict[str, float] = {}
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # nll, tokens, text nll, bytes, batches
+    parts: dict[str, torch.Tensor] = {}
+    stats: dict[str, torch.Tensor] = {}
     if byte_lengths is not None:
         byte_lengths = byte_lengths.to(device)
     try:
-        for x, y in batches:
+        for x, y, *counted in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast_context(device, precision):
                 out = model(x, targets=y)
+            if counted and not counted[0]:
+                continue
             nll = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=-1)
             if out.extra_nats is not None:  # a latent-variable bound: CE + KL per position
                 nll = nll + out.extra_nats.float().flatten()
             valid = y.flatten() >= 0
-            total_nll += float(nll[valid].sum())
-            total_tokens += int(valid.sum())
+            sums[0] += nll[valid].sum().double()
+            sums[1] += valid.sum()
             if byte_lengths is not None:
                 nbytes = byte_lengths[y.flatten().clamp(min=0)] * valid
-                text = nbytes > 0
-                text_nll += float(nll[text].sum())
-                total_bytes += int(nbytes.sum())
+                sums[2] += nll[nbytes > 0].sum().double()
+                sums[3] += nbytes.sum()
             for k, v in out.parts.items():
-                parts[k] = parts.get(k, 0.0) + float(v)
+                parts[k] = parts.get(k, 0.0) + torch.as_tensor(v, device=device).double()
             for k, v in out.stats.items():
-                stats[k] = stats.get(k, 0.0) + float(v)
-            n_batches += 1
+                stats[k] = stats.get(k, 0.0) + torch.as_tensor(v, device=device).double()
+            sums[4] += 1
     finally:
         model.train(was_training)
+    flat = torch.cat([sums, torch.stack([*parts.values(), *stats.values()]) if parts or stats
+                      else sums.new_zeros(0)])
+    if reduce is not None:
+        reduce(flat)
+    values = flat.tolist()  # one host sync for the whole evaluation
+    total_nll, total_tokens, text_nll, total_bytes, n_batches = values[:5]
     if not n_batches or not total_tokens:
         raise ValueError("no validation tokens to evaluate")
     loss = total_nll / total_tokens
     bpb = text_nll / (math.log(2) * total_bytes) if total_bytes else None
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": bpb, "tokens": total_tokens,
-            "bytes": total_bytes, "parts": {k: v / n_batches for k, v in parts.items()},
-            "stats": {k: v / n_batches for k, v in stats.items()}}
+    rest = values[5:]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": bpb, "tokens": int(total_tokens),
+            "bytes": int(total_bytes), "parts": {k: v / n_batches for k, v in zip(parts, rest)},
+            "stats": {k: v / n_batches for k, v in zip(stats, rest[len(parts):])}}

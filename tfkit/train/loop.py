@@ -23,7 +23,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,12 +32,13 @@ import torch
 from tfkit.config import RunConfig
 from tfkit.data.loader import BatchLoader, eval_batches, hold_out
 from tfkit.data.tokenfile import TokenFile
-from tfkit.errors import DataError, ResourceError, TfkitError
+from tfkit.errors import CheckpointError, DataError, ResourceError, TfkitError
 from tfkit.hardware import Runtime
 from tfkit.models import build_model
 from tfkit.train import checkpoint as ckpt_mod
-from tfkit.train import faults, runs
-from tfkit.train.evaluate import autocast_context, evaluate
+from tfkit.train import distributed, faults, runs
+from tfkit.train.distributed import Dist
+from tfkit.train.evaluate import evaluate
 from tfkit.train.events import (CheckpointSaved, EvalDone, Message, RunFinished, RunStarted, ScheduleFitted, StepDone,
                                 format_event, to_record)
 from tfkit.train.optim import build_optimizer, lr_at, set_lr
@@ -69,6 +70,8 @@ class TrainJob:
             fails before its first checkpoint.
         fingerprints: the data fingerprints, when the caller measured them already.
         gpu_names: names of the visible CUDA GPUs, for ``env.json``.
+        dist: this process's rank and world size under torchrun (one process by default); rank 0
+            alone writes the run folder, the logs and the events.
     """
 
     cfg: RunConfig
@@ -84,6 +87,7 @@ class TrainJob:
     write_config: bool = False
     fingerprints: Optional[dict[str, Any]] = None
     gpu_names: tuple[str, ...] = ()
+    dist: Dist = field(default_factory=Dist)
 
 
 class _StopFlag:
@@ -269,6 +273,8 @@ def run(job: TrainJob, on_event: Callable[[object], None] = lambda e: None) -> R
         ResourceError: out of memory.
     """
     run_dir = job.run_dir
+    if not job.dist.is_main:  # rank 0 alone writes the logs and shows the events
+        return _Trainer(job, lambda event, show=True: None).run()
     metrics = _open_log(run_dir / "metrics.jsonl")
     log = _open_log(run_dir / "train.log")
 
@@ -304,12 +310,20 @@ def _open_log(path: Path):
 
 class _Trainer:
     """One training session, its loop body a list of named calls: step, maybe fit the schedule,
-    log, maybe evaluate, maybe checkpoint, should we stop (torchtitan's ``Trainer.train``)."""
+    log, maybe evaluate, maybe checkpoint, should we stop (torchtitan's ``Trainer.train``).
+
+    Under torchrun every rank runs this same object; rank 0 alone touches the run folder. Whatever
+    decides the control flow (a signal, the time budget, the fitted schedule, a non-finite loss)
+    is agreed by all ranks first, so that no rank waits on a collective the others never enter.
+    """
 
     def __init__(self, job: TrainJob, emit: Callable[..., None]) -> None:
         self.job, self.emit = job, emit
         self.cfg, self.rt, self.run_dir = job.cfg, job.runtime, job.run_dir
         self.device = job.runtime.device
+        self.dist = job.dist
+        self.main = job.dist.is_main
+        self.mode = job.runtime.distributed if job.dist.enabled else "none"
         self.state = ckpt_mod.TrainState(schedule_steps=job.cfg.train.max_steps)
         self.stop = _StopFlag()
         self.started = False
@@ -321,6 +335,7 @@ class _Trainer:
         self.disk_warned = False
         self.old_config: Optional[str] = None  # config.yaml before this session changed it
         self.saved_here = False  # whether this session wrote a checkpoint
+        self.pending: list[tuple[int, float, list[str], list[str], torch.Tensor]] = []  # steps not yet read back
 
     # -- the session -------------------------------------------------------------------------
 
@@ -348,7 +363,7 @@ class _Trainer:
     def undo_config(self) -> None:
         """Put back the config.yaml this session replaced, when it failed before its first checkpoint
         (the run on disk then stays as its newest checkpoint describes it)."""
-        if self.old_config is not None and not self.saved_here:
+        if self.main and self.old_config is not None and not self.saved_here:
             with contextlib.suppress(OSError):
                 from tfkit.fsutil import write_text_atomic
 
@@ -356,48 +371,74 @@ class _Trainer:
 
     def mark(self, status: str, **fields: Any) -> None:
         """Record how the session ended in ``run.json`` (best effort: the disk may be full)."""
-        if self.started:
+        if self.started and self.main:
             runs.try_update_run_info(self.run_dir, status=status, **fields)
 
     def build(self) -> None:
-        cfg, m, device = self.cfg, self.cfg.model, self.device
-        torch.manual_seed(cfg.system.seed)
+        cfg, m, device, job = self.cfg, self.cfg.model, self.device, self.job
+        torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
         train_tokens, self.val_tokens = _open_data(cfg, m.vocab_size)
         if len(self.val_tokens) < m.context_length + 1:
             raise DataError(f"validation data has {len(self.val_tokens)} tokens, fewer than context_length+1 = "
                             f"{m.context_length + 1}", "give more validation data (`--val-data`), or lower `model.context_length`")
         self.train_tokens = len(train_tokens)
         self.byte_lengths = _byte_lengths(self.run_dir)
-        self.model = build_model(m, attention=self.rt.attention, grad_checkpointing=cfg.system.grad_checkpointing).to(device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, torch.device(device).type)
-        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=self.rt.precision == "fp16")
+        self.model = build_model(m, attention=self.rt.attention, grad_checkpointing=cfg.system.grad_checkpointing)
+        self.init_report = None
+        if job.init_from is not None and not job.resume:  # before sharding: every rank loads the same file
+            self.init_report = ckpt_mod.load_matching_weights(self.model, job.init_from)
+        self.model.to(device)
+        self.aliases = self.model._aliases()  # tied weights, found before FSDP2 turns them into DTensors
+        self.wrapped, self.lifted = distributed.wrap(self.model, self.mode, self.dist, device, self.rt.precision)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.rt.device_type)  # after sharding
+        self.scaler = torch.amp.GradScaler(self.rt.device_type, enabled=self.rt.needs_grad_scaler)
+        # with N ranks an optimizer step keeps the config's tokens: each rank accumulates A/N micro-batches
+        a, n = cfg.train.grad_accum_steps, self.dist.world_size
+        self.accum = a // n if a % n == 0 else a
         self.phases = _Curriculum(cfg, train_tokens)
         self.phases.at(0)
-        self.fingerprints = self.job.fingerprints or runs.data_fingerprints(cfg, self.run_dir)
+        self.fingerprints = job.fingerprints or (runs.data_fingerprints(cfg, self.run_dir) if self.main else None)
 
     def restore(self) -> None:
         job, emit = self.job, self.emit
-        for note in ckpt_mod.recover_checkpoints(self.run_dir):
-            emit(Message(note, "warning"))
+        if self.main:
+            for note in ckpt_mod.recover_checkpoints(self.run_dir):
+                emit(Message(note, "warning"))
         if job.resume:
-            if isinstance(job.checkpoint, Path):
-                path = job.checkpoint  # verified by the caller; hashing a large checkpoint twice is slow
-            else:
-                path = ckpt_mod.find_checkpoint(self.run_dir, job.checkpoint, on_warning=lambda s: emit(Message(s, "warning")))
-            self.state = state = ckpt_mod.load_training_state(path, self.model, self.optimizer, self.scaler, self.device)
+            def find() -> Path:
+                if isinstance(job.checkpoint, Path):
+                    return job.checkpoint  # verified by the caller; hashing a large checkpoint twice is slow
+                return ckpt_mod.find_checkpoint(self.run_dir, job.checkpoint,
+                                                on_warning=lambda s: emit(Message(s, "warning")))
+
+            path = self.dist.on_main(find)
+            files = ckpt_mod.read_training_state(path, self.device)
+            try:
+                distributed.load_full_state(self.model, self.optimizer, files.weights, files.optimizer, self.mode,
+                                            self.aliases, self.lifted)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"`{path}` does not fit this model: {first}",
+                                      "the run's config.yaml and its checkpoint disagree; use an earlier checkpoint") from None
+            ckpt_mod.restore_extras(files, self.optimizer, self.scaler, self.dist.rank)
+            self.state = state = files.state
+            if files.world_size != self.dist.world_size:
+                emit(Message(f"`{path.name}` was written by {files.world_size} process(es), this session runs "
+                             f"{self.dist.world_size}: it continues from the same data position, but not bit-exactly "
+                             "(a different sum order of the gradients, other random streams)", "warning"))
             if job.reset_loader:
                 self.phases.at(state.step)
                 emit(Message("the training data changed: its data order starts afresh"))
             elif state.loader:
                 self.phases.load_state_dict(state.loader, state.step)
-            if ckpt_mod.make_latest(self.run_dir, path):
+            if self.main and ckpt_mod.make_latest(self.run_dir, path):
                 emit(Message(f"`{path.name}` is now the latest checkpoint; checkpoints written after it belong to "
                              "an abandoned line and are pruned as new ones are written"))
             self.saved = (state.step, 0)
             emit(Message(f"resumed from `{path.name}` (step {state.step}, {state.tokens_seen:,} tokens seen)"))
-        elif job.init_from is not None:
-            report = ckpt_mod.load_matching_weights(self.model, job.init_from)
-            for line in describe_init(report, f"{job.init_from.parent.parent.name}/{job.init_from.name}"):
+        elif self.init_report is not None:
+            init = job.init_from
+            for line in describe_init(self.init_report, f"{init.parent.parent.name}/{init.name}"):
                 emit(Message(line))
 
     def begin(self) -> None:
@@ -409,25 +450,34 @@ class _Trainer:
             state.schedule_steps = t.max_steps
         self.budget = budget
         self.fitted = budget is None or (job.resume and not job.refit_schedule)
-        self.step_model = torch.compile(self.model) if self.rt.compile else self.model
+        self.step_model = torch.compile(self.wrapped) if self.rt.compile else self.wrapped
         self.phases.at(state.step)
-        self.tokens_per_step = t.batch_size * self.phases.context_length * t.grad_accum_steps
-        self.flops_tok = self.model.flops_per_token(cfg.model.context_length)
-        rt = self.rt
+        self.tokens_per_step = self.dist.world_size * self.accum * t.batch_size * self.phases.context_length
+        self.flops_tok = self.model.flops_per_token(self.phases.context_length)
+        rt, n = self.rt, self.dist.world_size
         self.emit(RunStarted(name=self.run_dir.name, run_dir=str(self.run_dir), arch=cfg.model.arch,
                              params=self.model.num_params(), flops_per_token=self.flops_tok, device=self.device,
                              precision=rt.precision, attention=rt.attention, compile=rt.compile, max_steps=t.max_steps,
                              start_step=state.step, max_time_s=budget, tokens_per_step=self.tokens_per_step,
                              train_tokens=self.train_tokens, val_tokens=len(self.val_tokens), resumed=job.resume))
-        if job.write_config:
+        if n > 1:
+            a = t.grad_accum_steps
+            split = (f"train.grad_accum_steps {a} = {self.accum} per rank x {n} ranks: an optimizer step holds the "
+                     f"config's {self.tokens_per_step:,} tokens" if self.accum * n == a else
+                     f"train.grad_accum_steps {a} does not divide by {n} ranks: each rank accumulates {a}, so an "
+                     f"optimizer step holds {n}x the config's tokens ({self.tokens_per_step:,})")
+            self.emit(Message(f"{self.mode.upper()} over {n} processes ({self.dist.backend}); {split}"))
+        if job.write_config and self.main:
             self.old_config = (self.run_dir / "config.yaml").read_text()
             runs.write_run_config(self.run_dir, cfg)
-        runs.update_run_info(self.run_dir, status="training", params=self.model.num_params(), error=None)
         self.started = True
+        if not self.main:
+            return
+        runs.update_run_info(self.run_dir, status="training", params=self.model.num_params(), error=None)
         runs.record_session(self.run_dir, {
             **runs.environment(self.device, job.gpu_names), "event": "resume" if job.resume else "train",
-            "from_step": state.step, "runtime": {"precision": rt.precision, "attention": rt.attention,
-                                                 "compile": rt.compile},
+            "from_step": state.step, "world_size": n, "runtime": {
+                "precision": rt.precision, "attention": rt.attention, "compile": rt.compile, "distributed": self.mode},
             "data": self.fingerprints})
 
     def train(self) -> None:
@@ -443,31 +493,30 @@ class _Trainer:
         while state.step < t.max_steps:
             if self.should_stop():
                 break
-            loss, parts, stats, grad_norm, lr, dt = self.train_step()
-            self.maybe_fit_schedule(dt)
-            last = self.log_step(loss, parts, stats, grad_norm, lr, dt)
+            self.train_step()
+            last = self.maybe_log()
             if t.eval_interval and state.step % t.eval_interval == 0 and not last:
                 self.evaluate()
                 self.window = (time.perf_counter(), *self.window[1:])
-            if t.ckpt_interval and state.step % t.ckpt_interval == 0 and not last and self.stop.signal is None:
-                self.checkpoint()
+            if t.ckpt_interval and state.step % t.ckpt_interval == 0 and not last:
+                self.checkpoint()  # a stop now writes this same state once (finish() finds it saved)
                 self.window = (time.perf_counter(), *self.window[1:])
 
     def finish(self) -> RunFinished:
         """The final evaluation and checkpoint (both still under the signal flag), then the summary."""
         state = self.state
+        self.flush()
         state.elapsed_s = self.elapsed()
         stopped_early = self.reason in ("sigterm", "interrupted")
         if not stopped_early and state.step > 0 and (self.last_eval is None or self.last_eval.step != state.step):
             self.evaluate()  # a signal that arrived meanwhile cuts it short: eval_pending
         if state.step > 0:
             self.checkpoint()
-        if self.stop.signal is not None and (stopped_early or state.eval_pending):
+        if self.agreed_signal() is not None and (stopped_early or state.eval_pending):
             self.reason = self.stop.reason  # work is left (steps, or the final evaluation): resume does it
-        if self.reason in ("sigterm", "interrupted"):
-            runs.update_run_info(self.run_dir, status="interrupted", elapsed_s=state.elapsed_s)
-        else:
-            runs.update_run_info(self.run_dir, status="finished", elapsed_s=state.elapsed_s)
+        if self.main:
+            status = "interrupted" if self.reason in ("sigterm", "interrupted") else "finished"
+            runs.update_run_info(self.run_dir, status=status, elapsed_s=state.elapsed_s)
         last = self.last_eval
         finished = RunFinished(step=state.step, reason=self.reason, elapsed_s=state.elapsed_s,
                                tokens_seen=state.tokens_seen, val_loss=last.loss if last else None,
@@ -481,12 +530,22 @@ class _Trainer:
         """Training seconds of the whole run so far (earlier sessions included)."""
         return self.elapsed_before + time.perf_counter() - self.session_start
 
+    def agreed_signal(self) -> Optional[int]:
+        """The signal any rank received (SIGTERM wins over SIGINT), now this rank's too; ``None`` if none."""
+        (sig,) = self.dist.max_flags(self.stop.signal or 0)
+        if sig and self.stop.signal is None:
+            self.stop.signal = sig
+        return sig or None
+
     def should_stop(self) -> bool:
         state, budget = self.state, self.budget
-        if self.stop.signal is not None:
+        out_of_time = budget is not None and time.perf_counter() - self.session_start >= budget
+        sig, out_of_time = self.dist.max_flags(self.stop.signal or 0, int(out_of_time))  # every rank stops together
+        if sig:
+            self.stop.signal = self.stop.signal or sig
             self.reason = self.stop.reason
             return True
-        if budget is not None and time.perf_counter() - self.session_start >= budget:
+        if out_of_time:
             self.reason = "max_time"
             return True
         if self.fitted and budget is not None and state.step >= state.schedule_steps:
@@ -494,13 +553,13 @@ class _Trainer:
             return True
         return False
 
-    def train_step(self) -> tuple[float, dict, dict, float, float, float]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns loss, parts, stats,
-        grad norm, learning rate and seconds."""
-        cfg, t, state, device, phases = self.cfg, self.cfg.train, self.state, self.device, self.phases
-        step_t0 = time.perf_counter()
+    def train_step(self) -> None:
+        """One optimizer step over this rank's micro-batches. Loss, parts, stats and the gradient norm
+        stay on the device until :meth:`read_back` (no host sync here)."""
+        cfg, t, state, device, phases, n = self.cfg, self.cfg.train, self.state, self.device, self.phases, self.accum
         if phases.at(state.step):
-            self.tokens_per_step = t.batch_size * phases.context_length * t.grad_accum_steps
+            self.tokens_per_step = self.dist.world_size * n * t.batch_size * phases.context_length
+            self.flops_tok = self.model.flops_per_token(phases.context_length)
             if state.step > 0:
                 self.emit(Message(f"curriculum phase {phases.index} from step {state.step}: context_length "
                                   f"{phases.context_length}" + "".join(f", {k} {v:g}" for k, v in phases.overrides.items())))
@@ -510,99 +569,158 @@ class _Trainer:
         loss_acc = torch.zeros((), device=device)
         parts_acc: dict[str, torch.Tensor] = {}
         stats_acc: dict[str, torch.Tensor] = {}
-        for _ in range(t.grad_accum_steps):
-            x, y = phases.loader.next_batch()
+        for i in range(n):
+            x, y = phases.loader.next_batch(self.dist.rank, self.dist.world_size)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, self.rt.precision):
-                out = self.step_model(x, targets=y)
-            loss = out.loss / t.grad_accum_steps
-            self.scaler.scale(loss).backward()
-            loss_acc += loss.detach().float()  # stays on the device: one host sync per step, below
+            with distributed.accumulating(self.wrapped, self.mode, last=i == n - 1):
+                with self.rt.autocast:
+                    out = self.step_model(x, targets=y)
+                loss = out.loss / n
+                self.scaler.scale(loss).backward()
+            loss_acc += loss.detach().float()
             for k, v in out.parts.items():
-                parts_acc[k] = parts_acc.get(k, 0.0) + torch.as_tensor(v, device=device).float() / t.grad_accum_steps
+                parts_acc[k] = parts_acc.get(k, 0.0) + torch.as_tensor(v, device=device).float() / n
             for k, v in out.stats.items():
-                stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, device=device).float() / t.grad_accum_steps
-        loss_sum = float(loss_acc)
-        parts = {k: float(v) for k, v in parts_acc.items()}
-        stats = {k: float(v) for k, v in stats_acc.items()}
-        if not math.isfinite(loss_sum):
-            raise self.diverged(f"non-finite loss ({loss_sum}) at step {state.step + 1}; the optimizer step was skipped",
-                                "raise `optim.warmup_steps`, or use `system.precision=fp32`")
+                stats_acc[k] = stats_acc.get(k, 0.0) + torch.as_tensor(v, device=device).float() / n
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            raise self.diverged(f"non-finite gradient norm at step {state.step + 1}; the optimizer step was skipped",
-                                "set `optim.grad_clip`")
+        grad_norm = distributed.plain(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += self.tokens_per_step
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         faults.hit("step.end", state.step)
-        dt = time.perf_counter() - step_t0
-        self.step_times.append(dt)
+        row = torch.stack([loss_acc, grad_norm.float().to(device), *parts_acc.values(), *stats_acc.values()])
+        self.pending.append((state.step, lr, list(parts_acc), list(stats_acc), row))
         start, tokens, steps = self.window
         self.window = (start, tokens + self.tokens_per_step, steps + 1)
-        return loss_sum, parts, stats, grad_norm, lr, dt
 
-    def maybe_fit_schedule(self, dt: float) -> None:
-        """With a time budget: after 20 measured steps, fix the schedule length the budget allows."""
-        t, state, budget, times = self.cfg.train, self.state, self.budget, self.step_times
-        if self.fitted or not (len(times) >= 20 or sum(times) > 0.1 * budget):
-            return
-        self.fitted = True
-        warm = times[len(times) // 4:]  # the first steps run slow (allocator, caches)
-        sps = sorted(warm)[len(warm) // 2]  # median
-        remaining = budget - (time.perf_counter() - self.session_start)
-        # an eval batch costs about a third of a training micro-batch (forward only)
-        eval_s = t.eval_steps * sps / t.grad_accum_steps / 3
-        per_step = sps + (eval_s / t.eval_interval if t.eval_interval else 0.0) \
-            + (0.5 / t.ckpt_interval if t.ckpt_interval else 0.0)
-        usable = max(0.0, 0.98 * remaining - eval_s - 1.0)  # the final eval and checkpoint
-        state.schedule_steps = max(state.step + 1, min(t.max_steps, state.step + int(usable / per_step)))
-        self.emit(ScheduleFitted(step=state.step, schedule_steps=state.schedule_steps, seconds_per_step=sps))
+    def read_back(self) -> list[tuple[int, float, float, float, dict, dict]]:
+        """Bring the pending steps' figures to the host in one transfer (averaged over ranks), and
+        stop at the first non-finite one.
 
-    def log_step(self, loss: float, parts: dict, stats: dict, grad_norm: float, lr: float, dt: float) -> bool:
-        """Emit the step (shown every ``log_interval``); returns whether it is the schedule's last."""
+        Returns:
+            ``(step, lr, loss, grad_norm, parts, stats)`` per pending step.
+
+        Raises:
+            NonFiniteLoss: a loss or (without a grad scaler) a gradient norm is NaN/Inf; no
+                checkpoint holding its update was written (checkpoints read back first).
+        """
+        if not self.pending:
+            return []
+        rows = self.dist.mean_(torch.cat([r[-1] for r in self.pending])).tolist()  # the one host sync
+        out, i = [], 0
+        for step, lr, pk, sk, row in self.pending:
+            vals = rows[i:i + len(row)]
+            i += len(row)
+            loss, grad_norm = vals[0], vals[1]
+            if not math.isfinite(loss):
+                self.pending = []
+                raise self.diverged(f"non-finite loss ({loss}) at step {step}; no checkpoint holding it was written",
+                                    "raise `optim.warmup_steps`, or use `system.precision=fp32`")
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                self.pending = []
+                raise self.diverged(f"non-finite gradient norm at step {step}; no checkpoint holding it was written",
+                                    "set `optim.grad_clip`")
+            parts = dict(zip(pk, vals[2:2 + len(pk)]))
+            stats = dict(zip(sk, vals[2 + len(pk):]))
+            out.append((step, lr, loss, grad_norm, parts, stats))
+        self.pending = []
+        return out
+
+    def maybe_log(self) -> bool:
+        """Every ``log_interval`` steps (and on the first and last): read the figures back and show the
+        step; until the schedule is fitted to a time budget, read back every step (its time counts).
+        Returns whether this step is the schedule's last."""
         t, state = self.cfg.train, self.state
         target = state.schedule_steps if self.fitted else t.max_steps
-        last = state.step >= target
-        show = state.step % t.log_interval == 0 or last or state.step == 1
+        show = state.step % t.log_interval == 0 or state.step >= target or state.step == 1
+        if show or not self.fitted:
+            self.flush(show)
+        return state.step >= (state.schedule_steps if self.fitted else t.max_steps)
+
+    def flush(self, show: bool = False) -> None:
+        """Read the pending steps back (:meth:`read_back`), emit a :class:`StepDone` for each
+        (``metrics.jsonl`` gets all; the screen the last one when ``show``) and fit the schedule."""
+        t, state = self.cfg.train, self.state
         now = time.perf_counter()
         start, tokens, steps = self.window
-        if show:  # averages over the log window
-            tps, sps_now = tokens / max(1e-9, now - start), (now - start) / max(1, steps)
-        else:  # this step alone
-            tps, sps_now = self.tokens_per_step / max(1e-9, dt), dt
-        eta = (target - state.step) * sps_now
+        rows = self.read_back()
+        if not rows:
+            return
+        seconds = (now - start) / max(1, steps)  # per step over the window: the device's pace, not the host's
+        self.step_times.extend([seconds] * len(rows))
+        self.maybe_fit_schedule()
+        target = state.schedule_steps if self.fitted else t.max_steps
+        show = show or state.step >= target
+        tps = tokens / max(1e-9, now - start)
+        eta = (target - state.step) * seconds
         if self.budget is not None:
             eta = min(eta, max(0.0, self.budget - (now - self.session_start)))
         peak = self.job.peak_flops
-        self.emit(StepDone(step=state.step, max_steps=target, loss=loss, lr=lr, grad_norm=grad_norm,
-                           tokens_seen=state.tokens_seen, tokens_per_s=tps,
-                           mfu=(tps * self.flops_tok / peak) if peak else None, elapsed_s=self.elapsed(), eta_s=eta,
-                           memory_bytes=_memory_bytes(self.device), parts=parts, stats=stats), show=show)
+        mfu = tps * self.flops_tok / (peak * self.dist.world_size) if peak else None
+        memory = _memory_bytes(self.device)
+        for k, (step, lr, loss, grad_norm, parts, stats) in enumerate(rows):
+            self.emit(StepDone(step=step, max_steps=target, loss=loss, lr=lr, grad_norm=grad_norm,
+                               tokens_seen=state.tokens_seen - (len(rows) - 1 - k) * self.tokens_per_step,
+                               tokens_per_s=tps, mfu=mfu, elapsed_s=self.elapsed(), eta_s=eta, memory_bytes=memory,
+                               parts=parts, stats=stats), show=show and k == len(rows) - 1)
         if show:
             self.window = (time.perf_counter(), 0, 0)
-        return last
+
+    def maybe_fit_schedule(self) -> None:
+        """With a time budget: after 20 measured steps, fix the schedule length the budget allows
+        (rank 0 decides, every rank follows)."""
+        t, state, budget, times = self.cfg.train, self.state, self.budget, self.step_times
+        if self.fitted:
+            return
+        proposal = None
+        if len(times) >= 20 or sum(times) > 0.1 * budget:
+            warm = times[len(times) // 4:]  # the first steps run slow (allocator, caches)
+            sps = sorted(warm)[len(warm) // 2]  # median
+            remaining = budget - (time.perf_counter() - self.session_start)
+            # an eval batch costs about a third of a training micro-batch (forward only)
+            eval_s = t.eval_steps * sps / self.accum / 3
+            per_step = sps + (eval_s / t.eval_interval if t.eval_interval else 0.0) \
+                + (0.5 / t.ckpt_interval if t.ckpt_interval else 0.0)
+            usable = max(0.0, 0.98 * remaining - eval_s - 1.0)  # the final eval and checkpoint
+            proposal = (max(state.step + 1, min(t.max_steps, state.step + int(usable / per_step))), sps)
+        proposal = self.dist.broadcast(proposal)
+        if proposal is None:
+            return
+        self.fitted = True
+        state.schedule_steps, sps = proposal
+        self.emit(ScheduleFitted(step=state.step, schedule_steps=state.schedule_steps, seconds_per_step=sps))
+
+    def eval_batches(self):
+        """This rank's share of the validation batches, as ``(x, y, counted)``: every rank runs the
+        same number of forwards (FSDP2 all-gathers in each), padding with an uncounted one."""
+        t, m, n, r = self.cfg.train, self.cfg.model, self.dist.world_size, self.dist.rank
+        batches = eval_batches(self.val_tokens, t.batch_size, m.context_length, max_batches=t.eval_steps)
+        if n == 1:
+            for x, y in batches:
+                yield x, y, True
+            return
+        every = list(batches)
+        for i in range(r, -(-len(every) // n) * n, n):
+            yield (*every[i], True) if i < len(every) else (*every[0], False)
 
     def evaluate(self) -> Optional[EvalDone]:
         """Validate at the current step; a signal cuts it short (``state.eval_pending``: resume redoes it)."""
-        state, t, m = self.state, self.cfg.train, self.cfg.model
-        batches = eval_batches(self.val_tokens, t.batch_size, m.context_length, max_batches=t.eval_steps)
+        state = self.state
+        self.flush()
 
         def until_signal():
-            for batch in batches:
-                if self.stop.signal is not None:
+            for batch in self.eval_batches():
+                if self.agreed_signal() is not None:
                     raise _EvalCut
                 faults.hit("eval.batch", state.step)
                 yield batch
 
         try:
-            r = evaluate(self.model, until_signal(), self.device, self.rt.precision, self.byte_lengths)
+            r = evaluate(self.model, until_signal(), self.device, self.rt.precision, self.byte_lengths,
+                         reduce=self.dist.sum_)
         except _EvalCut:
             state.eval_pending = True
             self.emit(Message(f"evaluation at step {state.step} cut short by a signal; `tfkit resume` runs it first",
@@ -622,12 +740,20 @@ class _Trainer:
         self.emit(ev)
         if best:  # keep exactly these weights: `--checkpoint best` loads them
             with self.stop.deferred():
-                self.check_weights()
-                ckpt_mod.save_best(self.run_dir, self.model, state.step, {
-                    "val_loss": r["loss"], "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
-                    "tokens_seen": state.tokens_seen})
-        runs.update_run_info(self.run_dir, step=state.step, val_loss=r["loss"], val_bits_per_byte=r["bits_per_byte"],
-                             best_val_loss=state.best_val_loss, best_step=state.best_step)
+                weights = distributed.full_weights(self.model, self.mode, self.aliases, self.main, self.lifted)
+                info = {"val_loss": r["loss"], "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
+                        "tokens_seen": state.tokens_seen}
+
+                def save_best() -> None:
+                    self.check_weights(weights)
+                    ckpt_mod.save_best(self.run_dir, weights, state.step, info)
+                    runs.update_run_info(self.run_dir, step=state.step, val_loss=r["loss"],
+                                         val_bits_per_byte=r["bits_per_byte"], best_val_loss=state.best_val_loss,
+                                         best_step=state.best_step)
+
+                self.dist.on_main(save_best)
+        elif self.main:
+            runs.update_run_info(self.run_dir, step=state.step, val_loss=r["loss"], val_bits_per_byte=r["bits_per_byte"])
         self.last_eval = ev
         return ev
 
@@ -638,37 +764,46 @@ class _Trainer:
                 f"--set optim.lr={self.cfg.optim.lr / 4:g}`")
         return NonFiniteLoss(message, f"{hint}; or {other_fix}" if other_fix else hint)
 
-    def check_weights(self) -> None:
+    def check_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Refuse to write weights holding NaN/Inf.
 
         Raises:
             NonFiniteLoss: naming the first such tensor.
         """
-        bad = ckpt_mod.first_non_finite(self.model)
+        bad = ckpt_mod.first_non_finite(weights)
         if bad is not None:
             raise self.diverged(f"weight `{bad}` holds NaN or Inf at step {self.state.step}; no checkpoint holding it "
                                 "was written")
 
     def checkpoint(self) -> None:
         """Write a full checkpoint of the current state, unless exactly this state is on disk already;
-        signals wait until it is complete."""
+        signals wait until it is complete. Rank 0 writes what all ranks gathered to it."""
         state = self.state
+        self.flush()
         if self.saved == (state.step, self.n_evals):
             return
         with self.stop.deferred():
-            self.check_weights()
-            self.warn_if_disk_low()
             t0 = time.perf_counter()
             state.elapsed_s = self.elapsed()
             state.loader = self.phases.state_dict()
-            meta = {"config": self.cfg.model_dump(mode="json"), "config_fingerprint": self.cfg.fingerprint(),
-                    "data": self.fingerprints}
-            path = ckpt_mod.save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.scaler, meta)
+            full = distributed.full_state(self.model, self.optimizer, self.mode, self.aliases, self.main, self.lifted)
+            rngs = self.dist.gather(ckpt_mod.rng_state())
+
+            def write() -> Path:
+                weights, optim = full
+                self.check_weights(weights)
+                self.warn_if_disk_low()
+                meta = {"config": self.cfg.model_dump(mode="json"), "config_fingerprint": self.cfg.fingerprint(),
+                        "data": self.fingerprints}
+                path = ckpt_mod.save_checkpoint(self.run_dir, weights, optim, state, self.scaler, meta, rngs)
+                self.ckpt_bytes = sum(f.stat().st_size for f in path.iterdir())
+                ckpt_mod.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+                runs.update_run_info(self.run_dir, step=state.step, tokens_seen=state.tokens_seen)
+                return path
+
+            path = self.dist.on_main(write)
             self.saved = (state.step, self.n_evals)
             self.saved_here = True
-            self.ckpt_bytes = sum(f.stat().st_size for f in path.iterdir())
-            ckpt_mod.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
-            runs.update_run_info(self.run_dir, step=state.step, tokens_seen=state.tokens_seen)
         self.emit(CheckpointSaved(step=state.step, path=str(path), seconds=time.perf_counter() - t0))
 
     def warn_if_disk_low(self) -> None:
