@@ -60,14 +60,10 @@ def _init_checkpoint(init_from: str, cfg) -> Path:
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process with ``torchrun --standalone --nproc-per-node N -m tfkit ARGS`` (PyTorch's
-    own launcher, ``torch.distributed.run``), ``ARGS`` being this command line without
-    ``--nproc-per-node``. The process keeps its pid, so a scheduler's SIGTERM reaches torchrun, which
-    passes it to every rank."""
-    import os
-    import sys
-
+    """Run this command line (without ``--nproc-per-node``) on ``nproc`` processes through torchrun's
+    agent in this process, and exit with the ranks' code (143 after a SIGTERM, as in one process)."""
     from tfkit.hardware import torchrun_command
+    from tfkit.train.distributed import launch
 
     args, skip = [], False
     for a in argv:
@@ -78,9 +74,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> None:
         elif not a.startswith("--nproc-per-node="):
             args.append(a)
     info(f"starting: {torchrun_command(nproc, ' '.join(args))}")
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={nproc}", "-m", "tfkit", *args])
+    raise typer.Exit(launch(nproc, args))
 
 
 def run_job(job, dist, json_out: bool, extra: dict) -> None:

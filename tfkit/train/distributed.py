@@ -200,6 +200,33 @@ def init(device_type: str, timeout_s: float = 1800.0) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, backend=backend, _control=control)
 
 
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``torchrun --standalone --nproc-per-node N -m tfkit ARGS`` in this process (PyTorch's own
+    elastic agent, ``torch.distributed.run``) and return the exit code the command should have.
+
+    The agent passes SIGTERM/SIGINT on to every rank; the ranks agree to stop, checkpoint and exit
+    143/130, and so does this process. A rank that failed has printed its own error already.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    import logging
+
+    parsed = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tfkit", *args])
+    # each rank prints its own error; the agent's "failed (exitcode: 143)" after a clean stop is noise
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        run(parsed)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        signalled = [c for c in codes if c in (143, 130)]
+        return signalled[0] if signalled and len(signalled) == len(codes) else next(c for c in codes if c) or 1
+    except SignalException as exc:  # torchrun itself was told to stop; the ranks checkpointed first
+        return 128 + int(exc.sigval)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Wrapping
 

@@ -5,7 +5,8 @@ Off unless the environment variable ``TFKIT_FAULT`` is set; then it holds comma-
 
 - ``POINT``: a name passed to :func:`hit` (``save.begin``, ``save.files``, ``save.manifest``,
   ``save.swap``, ``best.files``, ``eval.batch``, ``step.end``).
-- ``STEP``: fire only when the loop is at that optimizer step (default: every time).
+- ``STEP``: fire only when the loop is at that optimizer step (default: every time); ``STEP#RANK``
+  fires on that torchrun rank alone (``step.end@5#1=term``: SIGTERM to rank 1 at step 5).
 - ``ACTION``: ``kill`` (SIGKILL this process), ``term`` / ``int`` (send SIGTERM / SIGINT to this
   process and carry on, as a scheduler or a Ctrl-C would), ``sleep:SECONDS``, or ``enospc``
   (raise ``OSError(ENOSPC)``, a full disk).
@@ -26,16 +27,19 @@ from typing import Optional
 ENV = "TFKIT_FAULT"
 
 
-def _parse(text: str) -> dict[str, list[tuple[Optional[int], str]]]:
+def _parse(text: str, rank: int = 0) -> dict[str, list[tuple[Optional[int], str]]]:
     rules: dict[str, list[tuple[Optional[int], str]]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         where, _, action = item.partition("=")
         point, _, step = where.partition("@")
+        step, _, only = step.partition("#")
+        if only.strip() and int(only) != rank:
+            continue
         rules.setdefault(point.strip(), []).append((int(step) if step.strip() else None, action.strip()))
     return rules
 
 
-_RULES = _parse(os.environ.get(ENV, ""))
+_RULES = _parse(os.environ.get(ENV, ""), int(os.environ.get("RANK", "0") or 0))
 
 
 def hit(point: str, step: Optional[int] = None) -> None:

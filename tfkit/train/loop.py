@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from tfkit.config import RunConfig
@@ -388,6 +389,8 @@ class _Trainer:
         if job.init_from is not None and not job.resume:  # before sharding: every rank loads the same file
             self.init_report = ckpt_mod.load_matching_weights(self.model, job.init_from)
         self.model.to(device)
+        if self.dist.rank:  # its own random stream (latents, sampling) from here on; rank 0 keeps the run's
+            torch.manual_seed(int(np.random.SeedSequence([cfg.system.seed, self.dist.rank]).generate_state(1)[0]))
         self.aliases = self.model._aliases()  # tied weights, found before FSDP2 turns them into DTensors
         self.wrapped, self.lifted = distributed.wrap(self.model, self.mode, self.dist, device, self.rt.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.rt.device_type)  # after sharding
