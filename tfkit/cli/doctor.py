@@ -216,7 +216,28 @@ def auto_choice(hw: Hardware) -> tuple[list[Check], dict[str, Any]]:
     rows.append(Check("auto: precision", "ok", f"{prec}: {why('precision')}"))
     rows.append(Check("auto: attention", "ok", f"{rt.attention}: {why('attention')}"))
     rows.append(Check("auto: compile", "ok", f"{'on' if rt.compile else 'off'}: {why('compile')}"))
+    rows.append(_distributed_row(hw, rt, auto))
     return rows, auto
+
+
+def _distributed_row(hw: Hardware, rt, auto: dict[str, Any]) -> Check:
+    """How this machine's GPUs would train together, and the command that does it."""
+    from tfkit import config, hardware
+
+    n = len(hw.gpus)
+    if n < 2:
+        auto.update(distributed="none", world_size=1, torchrun_command=None)
+        return Check("auto: distributed", "ok", f"one process ({n} GPU{'s' if n != 1 else ''}); to train on several "
+                     "machines, start `torchrun` on each (see the README)")
+    preset = auto.get("preset") or "nano"
+    cfg = config.load(preset=preset, overrides=[f"model.vocab_size={config.DataConfig().default_vocab_size}"])
+    multi = hardware.resolve_distributed(cfg, hw, rt, n)
+    command = hardware.torchrun_command(n)
+    auto.update(distributed=multi.distributed, world_size=n, torchrun_command=command)
+    auto["reasons"]["distributed"] = multi.reasons["distributed"]
+    return Check("auto: distributed", "ok", f"{multi.distributed} over {n} GPUs "
+                 f"({multi.reasons['distributed'].removeprefix('auto: ')}): `{command}` "
+                 f"(or `tfkit train --preset auto --nproc-per-node {n}`)")
 
 
 def gather(hw: Hardware) -> tuple[list[Check], dict[str, Any]]:
