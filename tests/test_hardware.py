@@ -210,28 +210,104 @@ def test_mps_is_capped_at_tiny():
     assert choice.name == "tiny" and "MPS" in choice.reason
 
 
-def test_table_matches_config_estimates_and_grows_with_size():
+def test_table_is_each_presets_least_memory_and_grows_with_size():
     choice = choose("h100")
     names = config.list_presets()
     assert [n for n, _, _ in choice.table] == names
     params = []
     for name, est, fits in choice.table:
         cfg = config.load(preset=name)
-        assert est == config.estimate_train_memory(cfg, bytes_per_activation=2, vocab_size=4096)["total"]
+        assert est == config.estimate_train_memory(cfg, bytes_per_activation=2, vocab_size=4096,
+                                                   batch_size=cfg.train.batch_size // 4, grad_checkpointing=True)["total"]
         assert fits == (est <= choice.budget_bytes)
         params.append(config.count_params(cfg.model, 4096))
     assert params == sorted(params) and len(set(params)) == len(params)
-    # Without activation checkpointing (which `large` turns on), memory grows with the preset.
-    plain = [config.estimate_train_memory(config.load(preset=n, overrides=["system.grad_checkpointing=false"]),
-                                          bytes_per_activation=2, vocab_size=4096)["total"] for n in names]
-    assert plain == sorted(plain) and len(set(plain)) == len(plain)
+    ests = [e for _, e, _ in choice.table]
+    assert ests == sorted(ests) and len(set(ests)) == len(ests)  # monotone over the presets
 
 
-def test_fp32_estimates_exceed_bf16_estimates():
-    h100 = fake("h100")
-    bf16 = hardware.choose_preset(h100, hardware.resolve(system(), h100))
-    fp32 = hardware.choose_preset(h100, hardware.resolve(system(precision="fp32"), h100))
-    assert all(a[1] > b[1] for a, b in zip(fp32.table, bf16.table))
+_MACHINES = {  # name, GiB, compute capability
+    "h100": ("NVIDIA H100 80GB HBM3", 80, (9, 0)), "h200": ("NVIDIA H200", 141, (9, 0)),
+    "a100-40": ("NVIDIA A100-SXM4-40GB", 40, (8, 0)), "rtx4090": ("NVIDIA GeForce RTX 4090", 24, (8, 9)),
+    "v100-32": ("Tesla V100-SXM2-32GB", 32, (7, 0)), "t4": ("Tesla T4", 16, (7, 5)),
+}
+
+
+@pytest.mark.parametrize("machine", sorted(_MACHINES))
+def test_auto_picks_the_largest_micro_batch_that_fits_and_checkpoints_only_when_needed(machine):
+    name, gib, cap = _MACHINES[machine]
+    hw = gpu_machine(name, cap=cap, memory=gib * 1024**3)
+    rt = hardware.resolve(system(), hw)
+    choice = hardware.choose_preset(hw, rt)
+    cfg = config.load(preset=choice.name)
+    act = 2 if rt.precision in ("bf16", "fp16") else 4
+
+    def est(b, ckpt):
+        return config.estimate_train_memory(cfg, bytes_per_activation=act, vocab_size=4096, batch_size=b,
+                                            grad_checkpointing=ckpt)["total"]
+
+    b, a, ckpt = choice.batch_size, choice.grad_accum_steps, choice.grad_checkpointing
+    assert b * a == cfg.train.batch_size * cfg.train.grad_accum_steps  # the preset's tokens per step
+    assert choice.estimate_bytes == est(b, ckpt) <= choice.budget_bytes
+    per_step, least = b * a, cfg.train.batch_size // 4
+    bigger = [x for x in range(b + 1, per_step + 1) if per_step % x == 0]
+    assert b >= least
+    if ckpt:  # checkpointing only when no micro-batch fits without it
+        assert all(est(x, False) > choice.budget_bytes for x in range(least, per_step + 1) if per_step % x == 0)
+    assert all(est(x, ckpt) > choice.budget_bytes for x in bigger)  # and the largest micro-batch that fits
+    names = config.list_presets()
+    nxt = names.index(choice.name) + 1
+    assert nxt == len(names) or not choice.table[nxt][2]  # nothing larger would fit
+
+
+def test_bigger_gpus_never_get_smaller_presets():
+    names = config.list_presets()
+    order = ["t4", "rtx4090", "a100-40", "h100", "h200"]
+    picks = []
+    for machine in order:
+        name, gib, cap = _MACHINES[machine]
+        hw = gpu_machine(name, cap=cap, memory=gib * 1024**3)
+        picks.append(names.index(hardware.choose_preset(hw, hardware.resolve(system(), hw)).name))
+    assert picks == sorted(picks)
+
+
+def test_mps_16gb_gets_tiny_with_its_own_batch():
+    hw = fake("mps")
+    choice = hardware.choose_preset(hw, hardware.resolve(system(), hw))
+    cfg = config.load(preset="tiny")
+    assert (choice.name, choice.batch_size, choice.grad_checkpointing) == ("tiny", cfg.train.batch_size, False)
+
+
+def test_a_50k_vocab_small_run_fits_a_24gb_card_thanks_to_the_chunked_loss():
+    cfg = config.load(preset="small", overrides=["model.vocab_size=50304"])
+    budget = hardware.MEMORY_FRACTION * 24 * 1024**3
+    est = config.estimate_train_memory(cfg, bytes_per_activation=2)
+    assert est["total"] <= budget
+    # the fp32 logits of the whole batch (upcast, log-softmax, gradient) alone would be 9.4 GiB more
+    rows = cfg.train.batch_size * cfg.model.context_length * 50304
+    assert est["total"] + 3 * 4 * (rows - config.CE_CHUNK_ELEMENTS) > budget
+
+
+def test_the_estimate_counts_what_lives_on_the_device():
+    cfg = config.load(preset="small", overrides=["model.vocab_size=4096"])
+    gpu = config.estimate_train_memory(cfg, bytes_per_activation=2)
+    assert gpu["context"] == config.CUDA_CONTEXT_BYTES and gpu["autocast_cache"] == 2 * gpu["params"]
+    cpu = config.estimate_train_memory(cfg, bytes_per_activation=4, device_type="cpu")
+    assert cpu["context"] == 0 and cpu["autocast_cache"] == 0
+    eager = config.estimate_train_memory(cfg, bytes_per_activation=2, attention="eager")
+    t, h, b, layers = cfg.model.context_length, cfg.model.n_heads, cfg.train.batch_size, cfg.model.n_layers
+    assert eager["activations"] - gpu["activations"] == layers * b * t * 2 * h * t * 2  # the T x T scores
+    sharded = config.estimate_train_memory(cfg, bytes_per_activation=2, shards=4)
+    assert sharded["optimizer"] == gpu["optimizer"] // 4
+
+
+def test_fp32_activations_exceed_bf16_ones_but_bf16_keeps_a_weight_copy():
+    for name in config.list_presets():
+        cfg = config.load(preset=name)
+        fp32 = config.estimate_train_memory(cfg, bytes_per_activation=4)
+        bf16 = config.estimate_train_memory(cfg, bytes_per_activation=2)
+        assert fp32["activations"] > bf16["activations"] and fp32["logits"] > bf16["logits"]
+        assert bf16["autocast_cache"] == 2 * bf16["params"] and fp32["autocast_cache"] == 0
 
 
 def test_nothing_fits_is_a_hardware_error():
@@ -248,9 +324,15 @@ def test_nothing_fits_is_a_hardware_error():
     ("NVIDIA H100 80GB HBM3", (9, 0), "bf16", 989e12),
     ("NVIDIA H100 PCIe", (9, 0), "bf16", 756e12),
     ("NVIDIA H200", (9, 0), "bf16", 989e12),
-    ("NVIDIA H100 80GB HBM3", (9, 0), "fp32", 67e12),
+    ("NVIDIA H100 NVL", (9, 0), "bf16", 835e12),
+    ("NVIDIA H200 NVL", (9, 0), "bf16", 835e12),
+    ("NVIDIA H800", (9, 0), "bf16", 989e12),
+    ("NVIDIA H800 PCIe", (9, 0), "bf16", 756e12),
+    ("NVIDIA B200", (10, 0), "bf16", 2250e12),
+    ("NVIDIA H100 80GB HBM3", (9, 0), "fp32", 495e12),  # fp32 trains with TF32 matmuls there
     ("NVIDIA A100-SXM4-80GB", (8, 0), "bf16", 312e12),
-    ("NVIDIA A100-SXM4-80GB", (8, 0), "fp32", 19.5e12),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), "fp32", 156e12),
+    ("NVIDIA A10G", (8, 6), "bf16", 70e12),
     ("NVIDIA A10", (8, 6), "bf16", 125e12),
     ("NVIDIA L4", (8, 9), "bf16", 121e12),
     ("NVIDIA L40S", (8, 9), "bf16", 362e12),

@@ -608,25 +608,60 @@ def flops_per_token(m: ModelConfig, vocab_size: Optional[int] = None) -> float:
     return 6.0 * n + 12.0 * m.n_layers * m.d_model * m.context_length
 
 
-def estimate_train_memory(cfg: RunConfig, bytes_per_activation: int = 4, vocab_size: Optional[int] = None) -> dict[str, int]:
-    """Rough bytes needed to train: fp32 weights, grads, AdamW moments and activations at the micro-batch.
+CE_CHUNK_ELEMENTS = 1 << 26
+"""Logits (B*T*V elements) above which the cross-entropy upcasts to fp32 one chunk of rows at a
+time (``tfkit.models.base.cross_entropy``): 64M elements, 256 MiB in fp32."""
 
-    Activations follow Korthikanti et al. (arXiv 2205.05198) without recomputation:
-    ``T*B*d*(34 + 5*h*T/d)`` bytes per layer at 2-byte activations, scaled by
-    ``bytes_per_activation/2``, plus the logits.
+CUDA_CONTEXT_BYTES = 1 << 30
+"""What a CUDA process holds before any tensor: the context, cuBLAS/cuDNN workspaces (about 1 GiB)."""
+
+
+def estimate_train_memory(cfg: RunConfig, bytes_per_activation: int = 4, vocab_size: Optional[int] = None,
+                          device_type: str = "cuda", attention: str = "sdpa", batch_size: Optional[int] = None,
+                          grad_checkpointing: Optional[bool] = None, shards: int = 1) -> dict[str, int]:
+    """Bytes that live on the device while training, by kind.
+
+    - ``weights``, ``grads``, ``optimizer``: fp32 master weights, gradients and the two AdamW
+      moments (4 + 4 + 8 bytes per parameter), divided by ``shards`` under FSDP2.
+    - ``autocast_cache``: the bf16/fp16 copy of the weights autocast keeps during a step (2 bytes
+      per parameter at 2-byte activations).
+    - ``activations``: what backward keeps per layer for each token, counted for this block
+      (RMSNorm inputs in fp32, the norm outputs, q/k/v, the attention output and its log-sum-exp,
+      the FFN's two up-projections, their activation and product): ``10*d + 4*d_ff + 2*kv_dim``
+      elements. No T x T attention scores with SDPA or flash (they are recomputed in backward); the
+      eager kernel keeps scores and probabilities. With grad checkpointing a layer keeps its input
+      only, and one layer's activations exist at a time during its recomputation (Korthikanti et
+      al., arXiv 2205.05198, for the method).
+    - ``logits``: the logits and their gradient in the compute dtype, and the fp32 upcast, its
+      log-softmax and gradient for the whole batch, or for one chunk of
+      :data:`CE_CHUNK_ELEMENTS` when the batch's logits are larger.
+    - ``context``: :data:`CUDA_CONTEXT_BYTES` on CUDA.
+
+    Args:
+        batch_size, grad_checkpointing: override the config's (to try micro-batches).
+
+    Returns:
+        dict of those keys (bytes) plus ``params`` and ``total``.
     """
     m, t = cfg.model, cfg.train
     v = m.vocab_size or vocab_size or 4096
     n = count_params(m, v)
-    weights, grads, adam = 4 * n, 4 * n, 8 * n
-    b, T, d, h = t.batch_size, m.context_length, m.d_model, m.n_heads
-    per_layer = T * b * d * (34 + 5 * h * T / d) * bytes_per_activation / 2
-    if cfg.system.grad_checkpointing:
-        per_layer = T * b * d * bytes_per_activation
-    logits = 2 * b * T * v * 4
-    acts = int(m.n_layers * per_layer + logits)
-    return {"params": n, "weights": weights, "grads": grads, "optimizer": adam, "activations": acts,
-            "total": weights + grads + adam + acts}
+    act = bytes_per_activation
+    b = batch_size or t.batch_size
+    ckpt = cfg.system.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
+    tokens, d = b * m.context_length, m.d_model
+    per_token = (10 * d + 4 * m.ffn_dim + 2 * m.kv_heads * m.head_dim) * act + 2 * d * 4
+    if attention == "eager":
+        per_token += 2 * m.n_heads * m.context_length * act  # scores and probabilities, (B, h, T, T)
+    layer = tokens * per_token
+    acts = m.n_layers * tokens * d * act + layer if ckpt else m.n_layers * layer
+    rows = tokens * v
+    logits = 2 * rows * act + 3 * 4 * min(rows, CE_CHUNK_ELEMENTS)
+    out = {"params": n, "weights": 4 * n // shards, "grads": 4 * n // shards, "optimizer": 8 * n // shards,
+           "autocast_cache": 2 * n if act == 2 else 0, "activations": int(acts), "logits": int(logits),
+           "context": CUDA_CONTEXT_BYTES if device_type == "cuda" else 0}
+    out["total"] = sum(v for k, v in out.items() if k != "params")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -403,6 +403,15 @@ class Runtime:
 
         return torch.autocast(device_type=self.device_type, dtype=getattr(torch, self.autocast_dtype))
 
+    def configure(self) -> None:
+        """Set torch's process-wide switches this runtime implies: on CUDA, fp32 matmuls and
+        convolutions run as TF32 on the tensor cores (what ``peak_flops`` assumes for fp32)."""
+        if self.device_type == "cuda":
+            import torch
+
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.allow_tf32 = True
+
     @property
     def needs_grad_scaler(self) -> bool:
         """True for fp16, whose narrow exponent range needs dynamic loss scaling."""
@@ -575,7 +584,8 @@ def resolve_distributed(cfg: "config.RunConfig", hw: Hardware, runtime: Runtime,
         reasons["distributed"] = f"requested (system.distributed={want}), {world_size} processes"
         return dataclasses.replace(runtime, device=device, distributed=want, world_size=world_size, reasons=reasons)
     act = 2 if runtime.precision in ("bf16", "fp16") else 4
-    need = int(config.estimate_train_memory(cfg, bytes_per_activation=act)["total"])
+    need = int(config.estimate_train_memory(cfg, bytes_per_activation=act, device_type=runtime.device_type,
+                                            attention=runtime.attention)["total"])
     budget = int(MEMORY_FRACTION * device_memory_bytes(hw, runtime))
     if need <= budget:
         mode, why = "ddp", f"the model with its AdamW state (~{_gib(need)}) fits one device ({_gib(budget)} budget)"
@@ -595,17 +605,27 @@ def torchrun_command(n: int, args: str = "train --preset auto") -> str:
 # Peak FLOP/s (for MFU) and memory
 
 # (regex on the GPU name, dense peak FLOP/s by precision). First match wins, so the more
-# specific names come first. Tensor-core bf16/fp16 with fp32 accumulation; fp32 = plain FP32
-# (no TF32). Sources: NVIDIA datasheets.
+# specific names come first. bf16/fp16: tensor cores with fp32 accumulation, dense (no 2:4
+# sparsity). fp32: the TF32 tensor-core rate on compute capability >= 8.0, where tfkit trains fp32
+# with TF32 matmuls (`torch.set_float32_matmul_precision("high")`), else plain FP32.
+# Sources: NVIDIA datasheets (H100/H200/H800 SXM, PCIe and NVL; B200 HGX; A100; A10; L4; L40(S);
+# the Ada and Ampere GeForce whitepapers for RTX 4090/3090); A10G (AWS) runs its tensor cores at
+# about half the A10's rate.
 _PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    (r"\bH100\b.*\bPCIe\b", {"bf16": 756e12, "fp16": 756e12, "fp32": 51.2e12}),
-    (r"\bH100\b", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    (r"\bG?H200\b", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    (r"\bA100\b", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    (r"\bA10\b", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
-    (r"\bL40S\b", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    (r"\bH100\b.*\bNVL\b", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
+    (r"\bH100\b.*\bPCIe\b", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    (r"\bH100\b", {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12}),
+    (r"\bG?H200\b.*\bNVL\b", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
+    (r"\bG?H200\b", {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12}),
+    (r"\bH800\b.*\bPCIe\b", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    (r"\bH800\b", {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12}),
+    (r"\bB200\b", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 1100e12}),
+    (r"\bA100\b", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    (r"\bA10G\b", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    (r"\bA10\b", {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
+    (r"\bL40S\b", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
     (r"\bL40\b", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
-    (r"\bL4\b", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    (r"\bL4\b", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
     (r"\bRTX 4090\b", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
     (r"\bRTX 3090\b", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
     (r"\bV100\b", {"fp16": 125e12, "fp32": 15.7e12}),
@@ -616,9 +636,11 @@ _PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 def peak_flops(hw: Hardware, runtime: Runtime) -> Optional[float]:
     """Dense peak FLOP/s of the runtime's GPU at its precision, for MFU; ``None`` when unknown.
 
-    Looked up by GPU name in a table of datasheet figures (H100 SXM bf16 989e12, H100 PCIe
-    756e12, H200, A100 312e12, A10, L4, L40S, RTX 4090/3090, V100 fp16 125e12, T4; fp32 values
-    where known, e.g. A100 19.5e12). ``None`` on CPU, MPS, and GPUs not in the table.
+    Looked up by GPU name in a table of dense datasheet figures: H100/H200/H800 in their SXM,
+    PCIe and NVL forms (SXM bf16 989e12, PCIe 756e12, NVL 835e12), B200 2.25e15, A100 312e12,
+    A10G, A10, L40S, L40, L4, RTX 4090/3090, V100 (fp16 125e12), T4. fp32 is the TF32 rate on
+    compute capability >= 8.0 (e.g. A100 156e12), as tfkit trains fp32 there with TF32 matmuls.
+    ``None`` on CPU, MPS, and GPUs not in the table.
     """
     idx = runtime.gpu_index
     if idx is None or idx >= len(hw.gpus):
@@ -655,10 +677,16 @@ class PresetChoice:
 
     Attributes:
         name: the chosen preset.
-        estimate_bytes: its estimated training memory in bytes (:func:`tfkit.config.estimate_train_memory`).
+        estimate_bytes: its estimated training memory in bytes at the chosen micro-batch and
+            checkpointing (:func:`tfkit.config.estimate_train_memory`).
         budget_bytes: the memory a preset may use: :data:`MEMORY_FRACTION` of the device's memory, in bytes.
-        reason: one line saying why this preset.
-        table: ``(preset, estimate_bytes, fits)`` for every preset, smallest first.
+        reason: one line saying why this preset, micro-batch and checkpointing.
+        table: ``(preset, estimate_bytes, fits)`` for every preset, smallest first: the least memory
+            each trains well in (a quarter of its micro-batch, grad checkpointing on), which grows
+            with the preset.
+        batch_size, grad_accum_steps, grad_checkpointing: the largest micro-batch that fits, with the
+            accumulation that keeps the preset's tokens per step, and checkpointing only when no
+            micro-batch fits without it; ``None`` on the CPU (the preset's own settings).
     """
 
     name: str
@@ -666,19 +694,39 @@ class PresetChoice:
     budget_bytes: int
     reason: str
     table: list[tuple[str, int, bool]]
+    batch_size: Optional[int] = None
+    grad_accum_steps: Optional[int] = None
+    grad_checkpointing: Optional[bool] = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings to apply on top of the preset, as dotted keys."""
+        if self.batch_size is None:
+            return {}
+        return {"train.batch_size": self.batch_size, "train.grad_accum_steps": self.grad_accum_steps,
+                "system.grad_checkpointing": self.grad_checkpointing}
 
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def choose_preset(hw: Hardware, runtime: Runtime, vocab_size: int = 4096) -> PresetChoice:
-    """Pick the largest preset whose training-memory estimate fits in 80% of the device's memory.
+def _least_batch(cfg: config.RunConfig) -> int:
+    """The smallest micro-batch ``--preset auto`` trains a preset with: a quarter of its own."""
+    return max(1, cfg.train.batch_size // 4)
 
-    Estimates use 2-byte activations under bf16/fp16 and 4-byte under fp32, at each preset's
-    micro-batch and ``vocab_size`` tokens. On CPU the smallest preset (``nano``) is always chosen:
-    CPUs are compute-bound, so a larger model would not train meaningfully in minutes. On MPS the
-    choice is capped at ``tiny``.
+
+def choose_preset(hw: Hardware, runtime: Runtime, vocab_size: int = 4096) -> PresetChoice:
+    """Pick the largest preset that can train in 80% of the device's memory, then its micro-batch.
+
+    A preset fits when its least memory (a quarter of its micro-batch, with grad checkpointing)
+    fits; that figure grows with the preset. Then, on a GPU, the largest micro-batch dividing the preset's tokens per
+    step (``batch_size * grad_accum_steps``) that fits without grad checkpointing is chosen, or, when
+    none does, the largest that fits with it. Estimates use 2-byte activations under bf16/fp16 and
+    4-byte under fp32, at ``vocab_size`` tokens, and count the CUDA context.
+
+    On CPU the smallest preset (``nano``) is always chosen with its own settings: CPUs are
+    compute-bound, so a larger model would not train meaningfully in minutes. On MPS and on GPUs
+    without tensor cores (compute capability < 7.0) the choice is capped at ``tiny``.
 
     Raises:
         HardwareError: not even the smallest preset fits (or there are no presets).
@@ -689,11 +737,17 @@ def choose_preset(hw: Hardware, runtime: Runtime, vocab_size: int = 4096) -> Pre
     mem = device_memory_bytes(hw, runtime)
     budget = int(MEMORY_FRACTION * mem)
     act = 2 if runtime.precision in ("bf16", "fp16") else 4
-    table: list[tuple[str, int, bool]] = []
-    for name in names:
-        est = int(config.estimate_train_memory(config.load(preset=name), bytes_per_activation=act,
-                                               vocab_size=vocab_size)["total"])
-        table.append((name, est, est <= budget))
+
+    def estimate(cfg: config.RunConfig, **kw: Any) -> int:
+        return int(config.estimate_train_memory(cfg, bytes_per_activation=act, vocab_size=vocab_size,
+                                                device_type=runtime.device_type, attention=runtime.attention,
+                                                **kw)["total"])
+
+    cfgs = {name: config.load(preset=name) for name in names}
+    # the least memory a preset trains well in: a quarter of its micro-batch, with grad checkpointing
+    table = [(name, estimate(cfgs[name], batch_size=_least_batch(cfgs[name]), grad_checkpointing=True), False)
+             for name in names]
+    table = [(name, est, est <= budget) for name, est, _ in table]
     where = "GPU memory" if runtime.device_type == "cuda" else "RAM"
     budget_text = f"{_gib(budget)} ({MEMORY_FRACTION:.0%} of {_gib(mem)} {where})"
     smallest = "nano" if "nano" in names else names[0]
@@ -703,15 +757,33 @@ def choose_preset(hw: Hardware, runtime: Runtime, vocab_size: int = 4096) -> Pre
     elif runtime.device_type == "mps" and "tiny" in names:
         candidates = names[: names.index("tiny") + 1]
         why = "MPS: the largest preset that fits, capped at `tiny` (larger ones train too slowly on Apple GPUs)"
+    elif runtime.gpu_index is not None and hw.gpus and hw.gpus[runtime.gpu_index].capability < (7, 0) \
+            and "tiny" in names:
+        candidates = names[: names.index("tiny") + 1]
+        why = "no tensor cores: the largest preset that fits, capped at `tiny` (larger ones train too slowly)"
     else:
         candidates = names
-        why = "the largest preset whose training-memory estimate fits"
+        why = "the largest preset that fits"
     fitting = [row for row in table if row[0] in candidates and row[2]]
     if not fitting:
         est = dict((n, e) for n, e, _ in table)[candidates[0]]
         raise HardwareError(f"no preset fits: `{candidates[0]}` needs an estimated {_gib(est)} to train, "
                             f"more than the budget of {budget_text}",
                             "free memory, or choose `--preset nano` with a smaller `--set train.batch_size=...`")
-    name, est, _ = fitting[-1]
-    reason = f"{why}; needs ~{_gib(est)} of a {budget_text} budget"
-    return PresetChoice(name=name, estimate_bytes=est, budget_bytes=budget, reason=reason, table=table)
+    name = fitting[-1][0]
+    cfg = cfgs[name]
+    if runtime.device_type == "cpu":
+        est = estimate(cfg)
+        return PresetChoice(name=name, estimate_bytes=est, budget_bytes=budget, table=table,
+                            reason=f"{why}; needs ~{_gib(est)} of a {budget_text} budget")
+    per_step = cfg.train.batch_size * cfg.train.grad_accum_steps
+    sizes = [b for b in range(per_step, 0, -1) if per_step % b == 0 and b >= _least_batch(cfg)]
+    pick = next(((b, False) for b in sizes if estimate(cfg, batch_size=b, grad_checkpointing=False) <= budget), None)
+    if pick is None:
+        pick = next((b, True) for b in sizes if estimate(cfg, batch_size=b, grad_checkpointing=True) <= budget)
+    b, ckpt = pick
+    est = estimate(cfg, batch_size=b, grad_checkpointing=ckpt)
+    reason = (f"{why}; micro-batch {b} x {per_step // b} accumulation, grad checkpointing "
+              f"{'on (no micro-batch fits without it)' if ckpt else 'off'}; needs ~{_gib(est)} of a {budget_text} budget")
+    return PresetChoice(name=name, estimate_bytes=est, budget_bytes=budget, reason=reason, table=table,
+                        batch_size=b, grad_accum_steps=per_step // b, grad_checkpointing=ckpt)

@@ -36,6 +36,24 @@ def report_finished(run_dir: Path, finished, json_out: bool, extra: dict) -> Non
         raise typer.Exit(143 if finished.reason == "sigterm" else 130)
 
 
+def _keys_given(config_file: Optional[Path], sets: list[str]) -> set[str]:
+    """Dotted keys a config file or ``--set`` flags set explicitly."""
+    keys = {item.split("=", 1)[0].strip() for item in sets}
+    if config_file is not None and config_file.is_file():
+        import yaml
+
+        def walk(d, prefix=""):
+            for k, v in (d or {}).items() if isinstance(d, dict) else ():
+                keys.add(prefix + str(k))
+                walk(v, f"{prefix}{k}.")
+
+        try:
+            walk(yaml.safe_load(config_file.read_text()))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            pass  # config.load reports it
+    return keys
+
+
 def _init_checkpoint(init_from: str, cfg) -> Path:
     """The verified latest checkpoint of the ``--init-from`` run, after checking it shares this run's tokenizer.
 
@@ -159,6 +177,9 @@ def command(
         choice = hardware.choose_preset(hw, runtime)
         chosen = choice.name
         info(f"preset: [bold]{choice.name}[/bold] - auto: {choice.reason}")
+        given = _keys_given(config_file, sets)  # the file and --set win over what auto measured
+        sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                for k, v in choice.overrides().items() if k not in given] + sets
     cfg = config_mod.load(config_file, chosen, sets)
     runtime = hardware.resolve(cfg.system, hw)
     runtime = hardware.resolve_distributed(cfg, hw, runtime, world, int(os.environ.get("LOCAL_RANK", "0")))
