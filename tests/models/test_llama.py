@@ -317,3 +317,19 @@ def test_forward_longer_than_context_extrapolates_rope():
     with torch.no_grad():
         out = model(rand_ids(1, 40))
     assert out.logits.shape == (1, 40, 64) and torch.isfinite(out.logits).all()
+
+
+def test_chunked_cross_entropy_equals_the_whole_batch_one_in_value_and_gradient(monkeypatch):
+    from tfkit.models import base
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :4] = -1  # ignored positions count in neither sum nor mean
+    whole = base.cross_entropy(logits, targets)
+    (g_whole,) = torch.autograd.grad(whole, logits)
+    monkeypatch.setattr(base, "CE_CHUNK_ELEMENTS", 4 * 50)  # the name base.py reads  # chunks of 4 rows: 6 chunks, the last short
+    chunked = base.cross_entropy(logits, targets)
+    (g_chunked,) = torch.autograd.grad(chunked, logits)
+    assert torch.allclose(chunked, whole, atol=1e-6, rtol=0)
+    assert torch.allclose(g_chunked.float(), g_whole.float(), atol=1e-3, rtol=0)

@@ -33,19 +33,18 @@ def command(
     """
     import torch
 
-    from tfkit import hardware
     from tfkit.data.loader import eval_batches, hold_out
     from tfkit.data.tokenfile import TokenFile
     from tfkit.errors import ConfigError, DataError
     from tfkit.train.evaluate import evaluate
-    from tfkit.train.setup import load_run
+    from tfkit.train.setup import load_run, run_runtime
 
     if data is not None and text is not None:
         raise ConfigError("give either --data or --text, not both", "`--data` takes a token file, `--text` raw text")
-    hw = hardware.detect()
-    loaded = load_run(run, "cpu", checkpoint, on_warning=lambda s: info(f"warning: {s}"))
-    runtime = hardware.resolve(loaded.cfg.system, hw)
-    model = loaded.model.to(runtime.device)
+    runtime = run_runtime(run)
+    loaded = load_run(run, runtime.device, checkpoint, attention=runtime.attention,
+                      on_warning=lambda s: info(f"warning: {s}"))
+    model = loaded.model
     vocab = loaded.cfg.model.vocab_size
     tok = loaded.tokenizer
     if text is not None:
@@ -71,7 +70,7 @@ def command(
     ctx = loaded.cfg.model.context_length
     batches = eval_batches(tokens, batch_size or loaded.cfg.train.batch_size, ctx, max_batches=max_batches)
     byte_lengths = torch.from_numpy(tok.byte_lengths().astype("int64")) if tok is not None else None
-    r = evaluate(model, batches, runtime.device, runtime.precision, byte_lengths)
+    r = evaluate(model, batches, runtime, byte_lengths)
     if not math.isfinite(r["loss"]):  # finite weights, yet NaN/Inf: an overflow at this precision
         from tfkit.errors import TfkitError
 

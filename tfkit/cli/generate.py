@@ -45,18 +45,17 @@ def command(
         raise ConfigError(f"--top-p {top_p} must lie in (0, 1]", "write e.g. `--top-p 0.9`")
     require_utf8(prompt, "--prompt")  # before loading the run: a bad prompt is reported whatever RUN is
 
-    from tfkit import hardware
     from tfkit.train.sample import generate
-    from tfkit.train.setup import load_run
+    from tfkit.train.setup import load_run, run_runtime
 
-    hw = hardware.detect()
-    loaded = load_run(run, "cpu", checkpoint, on_warning=lambda s: info(f"warning: {s}"))
-    runtime = hardware.resolve(loaded.cfg.system, hw)
+    runtime = run_runtime(run)
+    loaded = load_run(run, runtime.device, checkpoint, attention=runtime.attention,
+                      on_warning=lambda s: info(f"warning: {s}"))
     tok = loaded.tokenizer
     if tok is None:
         raise DataError(f"run `{loaded.run_dir.name}` has no tokenizer.json, so it cannot turn tokens into text",
                         "train with `--tokenizer tokenizer.json` to generate text")
-    model = loaded.model.to(runtime.device)
+    model = loaded.model
     ids = tok.encode(prompt) if prompt else []
     ids = [tok.eot_id] + ids
     info(f"run {loaded.run_dir.name} ({loaded.checkpoint.name}), {runtime.device}; temperature {temperature}"
@@ -67,8 +66,9 @@ def command(
     generated: list[int] = []
     shown = ""
     stops = (tok.eot_id,) if stop_at_eot else ()
-    for token in generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop_ids=stops, device=runtime.device):
+    tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, stop_ids=stops, device=runtime.device)
+    for token in _under(runtime.autocast, tokens):
         if token in stops:
             break
         generated.append(token)
@@ -81,3 +81,16 @@ def command(
     text = tok.decode(generated)
     out.write(text[len(shown):] + "\n")
     out.flush()
+
+
+def _under(context, items):
+    """Iterate ``items`` with ``context`` (the runtime's autocast) entered around each step only, so
+    the context never stays open while the caller writes."""
+    it = iter(items)
+    while True:
+        with context:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item

@@ -14,9 +14,10 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from tfkit.config import ModelConfig
+from tfkit.config import CE_CHUNK_ELEMENTS, ModelConfig
 from tfkit.errors import CheckpointError
 from tfkit.models.layers import KVCache, RMSNorm
 
@@ -27,10 +28,27 @@ RESIDUAL_PROJECTIONS = ("attn.wo.weight", "ffn.w2.weight")
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy in nats/token over targets != -1, computed in fp32.
 
+    Large logits (more than :data:`CE_CHUNK_ELEMENTS`, e.g. a 50k vocabulary at batch 16 x 1024)
+    are upcast one chunk of rows at a time under activation checkpointing, so the fp32 copy, its
+    log-softmax and their gradients exist for one chunk only instead of the whole batch (the logits
+    themselves stay in the compute dtype).
+
     Shapes:
         logits (B, T, V), targets (B, T) int64 -> scalar (NaN when every target is -1).
     """
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+    flat, tgt = logits.flatten(0, 1), targets.flatten()  # (B*T, V), (B*T,)
+    if flat.numel() <= CE_CHUNK_ELEMENTS or not torch.is_grad_enabled():
+        return F.cross_entropy(flat.float(), tgt, ignore_index=-1)
+    rows = max(1, CE_CHUNK_ELEMENTS // flat.shape[1])
+    total = flat.new_zeros((), dtype=torch.float32)
+    for i in range(0, flat.shape[0], rows):
+        total = total + torch.utils.checkpoint.checkpoint(_ce_sum, flat[i:i + rows], tgt[i:i + rows], use_reentrant=False)
+    return total / (tgt != -1).sum()
+
+
+def _ce_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed fp32 cross-entropy of a chunk: (N, V), (N,) -> scalar."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction="sum")
 
 
 @dataclass

@@ -7,29 +7,23 @@ Special tokens (end-of-text, chat roles) stand for no bytes and are left out of 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
-
-def autocast_context(device: str, precision: str):
-    """``torch.autocast`` for bf16/fp16, a null context for fp32 (``Runtime.autocast`` for a runtime)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+from tfkit.hardware import Runtime
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[tuple], device: str, precision: str = "fp32",
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple], runtime: Runtime,
              byte_lengths: Optional[torch.Tensor] = None,
              reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """Mean validation metrics over ``batches`` of ``(x, y)`` int64 tensors of shape (B, T).
 
     Args:
+        runtime: the device and precision (autocast) to evaluate in.
         batches: ``(x, y)`` or ``(x, y, counted)``; a batch with ``counted`` False runs the forward
             but adds nothing (it keeps ranks in step when they hold different numbers of batches).
         byte_lengths: (V,) int tensor, UTF-8 bytes each token id stands for; ``None`` = no bpb.
@@ -46,6 +40,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple], device: str, prec
     Raises:
         ValueError: ``batches`` is empty.
     """
+    device = runtime.device
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # nll, tokens, text nll, bytes, batches
@@ -56,7 +51,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple], device: str, prec
     try:
         for x, y, *counted in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, precision):
+            with runtime.autocast:
                 out = model(x, targets=y)
             if counted and not counted[0]:
                 continue

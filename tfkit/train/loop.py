@@ -377,6 +377,7 @@ class _Trainer:
 
     def build(self) -> None:
         cfg, m, device, job = self.cfg, self.cfg.model, self.device, self.job
+        self.rt.configure()
         torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
         train_tokens, self.val_tokens = _open_data(cfg, m.vocab_size)
         if len(self.val_tokens) < m.context_length + 1:
@@ -722,7 +723,7 @@ class _Trainer:
                 yield batch
 
         try:
-            r = evaluate(self.model, until_signal(), self.device, self.rt.precision, self.byte_lengths,
+            r = evaluate(self.model, until_signal(), self.rt, self.byte_lengths,
                          reduce=self.dist.sum_)
         except _EvalCut:
             state.eval_pending = True

@@ -128,6 +128,22 @@ def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Run
     return load(path, overrides=overrides)
 
 
+def run_runtime(name_or_path: str):
+    """The :class:`~tfkit.hardware.Runtime` a run's saved ``system`` settings resolve to on this
+    machine: what ``eval`` and ``generate`` load the model onto, with its attention kernel and
+    precision (TF32 switched on for fp32 on CUDA).
+
+    Raises:
+        CheckpointError: unknown run, or no config.yaml.
+        HardwareError: the saved settings cannot work here (e.g. ``system.device=cuda`` without a GPU).
+    """
+    from tfkit import hardware
+
+    runtime = hardware.resolve(load_run_config(runs.resolve_run(name_or_path)).system, hardware.detect())
+    runtime.configure()
+    return runtime
+
+
 @dataclass
 class LoadedRun:
     """A model restored from a run, ready for ``eval`` or ``generate``."""
