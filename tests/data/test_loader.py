@@ -132,3 +132,24 @@ def test_hold_out_views():
     assert [len(v) for v in hold_out(tokens[:3], 0.01)] == [2, 1]
     with pytest.raises(DataError, match="not between 0 and 1"):
         hold_out(tokens, 1.0)
+
+
+def test_the_prefetcher_gives_the_loaders_batches_and_the_loops_position():
+    from tfkit.data.loader import Prefetcher
+
+    tokens = np.arange(3_000, dtype=np.uint16)
+    plain = BatchLoader(tokens, 4, 16, seed=3)
+    ahead = Prefetcher(BatchLoader(tokens, 4, 16, seed=3), rank=1, world_size=2)
+    for _ in range(5):
+        x, y = ahead.next_batch()
+        want = plain.next_batch(1, 2)
+        assert torch.equal(x, want[0]) and torch.equal(y, want[1])
+    # one batch is drawn ahead, yet the state is the loop's: a loader restored from it continues alike
+    state = ahead.state_dict()
+    assert state == plain.state_dict()
+    restored = BatchLoader(tokens, 4, 16, seed=3)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.next_batch(1, 2)[0], ahead.next_batch()[0])
+    ahead.load_state_dict(state)  # going back drops the batch drawn ahead
+    assert torch.equal(ahead.next_batch()[0], plain.next_batch(1, 2)[0])
+    ahead.close()

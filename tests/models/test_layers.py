@@ -214,3 +214,17 @@ def test_block_is_prenorm_residual():
     torch.testing.assert_close(block(x, cos, sin), expected)
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 7 and all(m.bias is None for m in linears)
+
+
+def test_rotary_complex_form_equals_the_real_form_used_under_compile(monkeypatch):
+    torch.manual_seed(0)
+    rope = layers.RotaryEmbedding(16, 32)
+    cos, sin = rope(0, 32)
+    x = torch.randn(2, 3, 32, 16, dtype=torch.float64).float()
+    eager = layers.apply_rotary(x, cos, sin)
+    monkeypatch.setattr(layers, "_compiling", lambda: True)
+    real = layers.apply_rotary(x, cos, sin)
+    assert torch.allclose(eager, real, atol=1e-6, rtol=0)
+    # and it is a rotation: each pair keeps its length
+    pairs = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)  # noqa: E731
+    assert torch.allclose(pairs(eager), pairs(x), atol=1e-5)

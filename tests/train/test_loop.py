@@ -38,14 +38,17 @@ def dummy(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_resume_after_sigterm_is_bit_exact(dummy, accum):
+@pytest.mark.parametrize("accum, prefetch", [(1, False), (2, False), (2, True)])
+def test_resume_after_sigterm_is_bit_exact(dummy, accum, prefetch, monkeypatch):
+    from tfkit.train import loop
+
+    monkeypatch.setattr(loop, "prefetches", lambda rt: prefetch)  # batches drawn ahead, as on a GPU
     cfg = _cfg(dummy, [f"train.grad_accum_steps={accum}"])
-    ref_dir = new_run(cfg, f"ref-{accum}")
+    ref_dir = new_run(cfg, f"ref-{accum}-{prefetch}")
     ref = run(TrainJob(cfg=cfg, runtime=CPU, run_dir=ref_dir))
     assert ref.step == 12 and ref.reason == "max_steps"
 
-    cut_dir = new_run(cfg, f"cut-{accum}")
+    cut_dir = new_run(cfg, f"cut-{accum}-{prefetch}")
 
     def stop_at_7(event):
         if getattr(event, "kind", "") == "step" and event.step == 7:

@@ -148,6 +148,58 @@ class BatchLoader:
             self.epoch, self.index = epoch + 1, 0
 
 
+class Prefetcher:
+    """Draws the next training batch of a :class:`BatchLoader` in a background thread while the
+    current step runs, in pinned (page-locked) memory when the batches go to a CUDA device, so
+    the copy to the device can be non-blocking.
+
+    The batches, and their order, are exactly the loader's; :meth:`state_dict` is the position
+    before the batch drawn ahead (the one the loop has not taken yet), so a checkpoint resumes at
+    the batch the loop would have taken next.
+
+    Args:
+        loader: the batch source.
+        rank, world_size: passed to :meth:`BatchLoader.next_batch`.
+        pin: pin the host tensors (only for CUDA).
+    """
+
+    def __init__(self, loader: BatchLoader, rank: int = 0, world_size: int = 1, pin: bool = False) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader, self.rank, self.world_size, self.pin = loader, rank, world_size, pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfkit-batches")
+        self._ahead = None  # (loader state before the batch, future of the batch)
+        self._draw_ahead()
+
+    def _draw(self):
+        x, y = self.loader.next_batch(self.rank, self.world_size)
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def _draw_ahead(self) -> None:
+        self._ahead = (self.loader.state_dict(), self._pool.submit(self._draw))
+
+    def next_batch(self):
+        """The next batch ``(x, y)`` (as :meth:`BatchLoader.next_batch`), and start drawing the one after."""
+        _, future = self._ahead
+        batch = future.result()
+        self._draw_ahead()
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position before the batch drawn ahead: the loop's position."""
+        self._ahead[1].result()  # the draw must not move the loader while its state is read back
+        return dict(self._ahead[0])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Move to ``state`` (a :meth:`BatchLoader.state_dict`), dropping the batch drawn ahead."""
+        self._ahead[1].result()
+        self.loader.load_state_dict(state)
+        self._draw_ahead()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 def eval_batches(tokens: np.ndarray, batch_size: int, context_length: int, max_batches: Optional[int] = None,
                  name: str = "the validation data") -> Iterator[tuple[Any, Any]]:
     """Deterministic evaluation batches over non-overlapping windows, in order.

@@ -6,6 +6,10 @@ one config class, one model file and one line here. A test walks every entry.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 from tfkit.config import ModelConfig
 from tfkit.errors import ConfigError
 from tfkit.models.base import LanguageModel, ModelOutput
@@ -29,8 +33,13 @@ __all__ = ["REGISTRY", "build_model", "LanguageModel", "ModelOutput", "KVCache",
            "DynamicTransformer", "FreeTransformer", "HyperConnectionTransformer"]
 
 
-def build_model(cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False) -> LanguageModel:
-    """Build the model ``cfg.arch`` names, freshly initialised on the CPU in fp32.
+def build_model(cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False,
+                device: Optional[str] = None) -> LanguageModel:
+    """Build the model ``cfg.arch`` names, freshly initialised in fp32.
+
+    On an accelerator (``device`` ``cuda``/``mps``) the tensors are created and initialised there
+    (a ``torch.device`` context): no host copy of the weights, and the init runs on the device's
+    random generator. On the CPU (default) the weights are those of every earlier tfkit version.
 
     Args:
         cfg: the model section of a resolved config; ``vocab_size`` must be set.
@@ -49,4 +58,7 @@ def build_model(cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: b
         raise ConfigError(
             f"unknown attention backend {attention!r}", f"choose one of: {', '.join(ATTENTION_BACKENDS)}"
         )
-    return REGISTRY[cfg.arch](cfg, attention=attention, grad_checkpointing=grad_checkpointing)
+    if device is None or torch.device(device).type == "cpu":
+        return REGISTRY[cfg.arch](cfg, attention=attention, grad_checkpointing=grad_checkpointing)
+    with torch.device(device):
+        return REGISTRY[cfg.arch](cfg, attention=attention, grad_checkpointing=grad_checkpointing)

@@ -160,6 +160,20 @@ class RankZeroFailed(TfkitError):
     """Raised on ranks 1..N-1 when rank 0 failed in a step they waited for."""
 
 
+class PeerLost(TfkitError):
+    """A collective failed because another process of the run died or hung."""
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away."""
+    dist_error = getattr(torch.distributed, "DistError", None) if torch.distributed.is_available() else None
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        t in text for t in ("Connection reset by peer", "Connection closed by peer", "gloo/transport", "NCCL error"))
+
+
 def _describe(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, TfkitError):
         return exc.message, exc.hint
@@ -221,7 +235,21 @@ def launch(nproc: int, args: list[str]) -> int:
     except ChildFailedError as exc:
         codes = [f.exitcode for f in exc.failures.values()]
         signalled = [c for c in codes if c in (143, 130)]
-        return signalled[0] if signalled and len(signalled) == len(codes) else next(c for c in codes if c) or 1
+        if signalled and len(signalled) == len(codes):
+            return signalled[0]
+        import signal as _signal
+        import sys
+
+        rank, first = exc.get_first_failure()  # the cause; torchrun then stopped the others (SIGTERM)
+        if first.exitcode < 0:  # killed by a signal: it could not say so itself
+            try:
+                name = _signal.Signals(-first.exitcode).name
+            except ValueError:
+                name = f"signal {-first.exitcode}"
+            print(f"error: rank {rank} was killed by {name}; the earlier checkpoints are intact\n"
+                  "hint: continue with `tfkit resume RUN --nproc-per-node N`", file=sys.stderr)
+        code = first.exitcode or next(c for c in codes if c)
+        return 128 - code if code < 0 else code
     except SignalException as exc:  # torchrun itself was told to stop; the ranks checkpointed first
         return 128 + int(exc.sigval)
     return 0

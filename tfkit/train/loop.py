@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tfkit.config import RunConfig
-from tfkit.data.loader import BatchLoader, eval_batches, hold_out
+from tfkit.data.loader import BatchLoader, Prefetcher, eval_batches, hold_out
 from tfkit.data.tokenfile import TokenFile
 from tfkit.errors import CheckpointError, DataError, ResourceError, TfkitError
 from tfkit.hardware import Runtime
@@ -224,6 +224,12 @@ def describe_init(report: ckpt_mod.InitReport, source: str) -> list[str]:
     return lines
 
 
+def prefetches(runtime: Runtime) -> bool:
+    """Whether batches are drawn ahead in a thread: on an accelerator, where the host would wait
+    otherwise; not on the CPU, whose cores the step itself uses."""
+    return runtime.device_type != "cpu"
+
+
 class _Curriculum:
     """The data loader and model settings of the ``train.curriculum`` phase in force at each step.
 
@@ -232,10 +238,13 @@ class _Curriculum:
     so a resumed run rebuilds exactly the loader it checkpointed.
     """
 
-    def __init__(self, cfg: RunConfig, tokens) -> None:
+    def __init__(self, cfg: RunConfig, tokens, rank: int = 0, world_size: int = 1, prefetch: bool = False,
+                 pin: bool = False) -> None:
         self.cfg, self.tokens = cfg, tokens
+        self.rank, self.world_size, self.prefetch, self.pin = rank, world_size, prefetch, pin
         self.index: Optional[int] = None
         self.loader: Optional[BatchLoader] = None
+        self.feed: Optional[Prefetcher] = None
         self.context_length = cfg.model.context_length
         self.overrides: dict[str, float] = {}
 
@@ -247,16 +256,31 @@ class _Curriculum:
         t = (phase.context_length if phase and phase.context_length else None) or self.cfg.model.context_length
         self.index, self.context_length = index, t
         self.overrides = phase.model_overrides() if phase else {}
+        self.close()
         self.loader = BatchLoader(self.tokens, self.cfg.train.batch_size, t, seed=self.cfg.system.seed + index + 1)
+        if self.prefetch:  # an accelerator: draw the next batch while the device runs this one
+            self.feed = Prefetcher(self.loader, self.rank, self.world_size, pin=self.pin)
         return True
 
+    def next_batch(self):
+        """This rank's next micro-batch ``(x, y)``, (B, T) int64 CPU tensors."""
+        if self.feed is not None:
+            return self.feed.next_batch()
+        return self.loader.next_batch(self.rank, self.world_size)
+
     def state_dict(self) -> dict:
-        return {**self.loader.state_dict(), "phase": self.index}
+        source = self.feed if self.feed is not None else self.loader
+        return {**source.state_dict(), "phase": self.index}
 
     def load_state_dict(self, state: dict, step: int) -> None:
         self.at(step)
         if state.get("phase", -1) == self.index:  # else the checkpoint ended a phase: the next one starts fresh
-            self.loader.load_state_dict(state)
+            (self.feed if self.feed is not None else self.loader).load_state_dict(state)
+
+    def close(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
+            self.feed = None
 
 
 def run(job: TrainJob, on_event: Callable[[object], None] = lambda e: None) -> RunFinished:
@@ -342,6 +366,13 @@ class _Trainer:
 
     def run(self) -> RunFinished:
         try:
+            return self._run()
+        finally:
+            if hasattr(self, "phases"):
+                self.phases.close()
+
+    def _run(self) -> RunFinished:
+        try:
             self.build()
             self.restore()
             self.begin()
@@ -354,6 +385,13 @@ class _Trainer:
             raise
         except Exception as exc:
             self.undo_config()
+            if self.dist.enabled and distributed.peer_lost(exc):
+                err = distributed.PeerLost(
+                    f"rank {self.dist.rank}: another process of this run stopped (at step {self.state.step + 1}); "
+                    "the earlier checkpoints are intact", f"continue with `tfkit resume {self.run_dir.name} "
+                    f"--nproc-per-node {self.dist.world_size}`")
+                self.mark("failed", error=err.message)
+                raise err from exc
             if is_out_of_memory(exc):
                 err = out_of_memory_advice(self.cfg, self.device, self.state.step + 1, self.run_dir.name)
                 self.mark("failed", error=err.message)
@@ -377,7 +415,7 @@ class _Trainer:
 
     def build(self) -> None:
         cfg, m, device, job = self.cfg, self.cfg.model, self.device, self.job
-        self.rt.configure()
+        self.configured = self.rt.configure()
         torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
         train_tokens, self.val_tokens = _open_data(cfg, m.vocab_size)
         if len(self.val_tokens) < m.context_length + 1:
@@ -385,7 +423,8 @@ class _Trainer:
                             f"{m.context_length + 1}", "give more validation data (`--val-data`), or lower `model.context_length`")
         self.train_tokens = len(train_tokens)
         self.byte_lengths = _byte_lengths(self.run_dir)
-        self.model = build_model(m, attention=self.rt.attention, grad_checkpointing=cfg.system.grad_checkpointing)
+        self.model = build_model(m, attention=self.rt.attention, grad_checkpointing=cfg.system.grad_checkpointing,
+                                 device=device)
         self.init_report = None
         if job.init_from is not None and not job.resume:  # before sharding: every rank loads the same file
             self.init_report = ckpt_mod.load_matching_weights(self.model, job.init_from)
@@ -399,7 +438,8 @@ class _Trainer:
         # with N ranks an optimizer step keeps the config's tokens: each rank accumulates A/N micro-batches
         a, n = cfg.train.grad_accum_steps, self.dist.world_size
         self.accum = a // n if a % n == 0 else a
-        self.phases = _Curriculum(cfg, train_tokens)
+        self.phases = _Curriculum(cfg, train_tokens, self.dist.rank, self.dist.world_size,
+                                  prefetch=prefetches(self.rt), pin=self.rt.device_type == "cuda")
         self.phases.at(0)
         self.fingerprints = job.fingerprints or (runs.data_fingerprints(cfg, self.run_dir) if self.main else None)
 
@@ -454,7 +494,7 @@ class _Trainer:
             state.schedule_steps = t.max_steps
         self.budget = budget
         self.fitted = budget is None or (job.resume and not job.refit_schedule)
-        self.step_model = torch.compile(self.wrapped) if self.rt.compile else self.wrapped
+        self.step_model = torch.compile(self.wrapped, dynamic=False) if self.rt.compile else self.wrapped  # a recompile per phase
         self.phases.at(state.step)
         self.tokens_per_step = self.dist.world_size * self.accum * t.batch_size * self.phases.context_length
         self.flops_tok = self.model.flops_per_token(self.phases.context_length)
@@ -481,7 +521,8 @@ class _Trainer:
         runs.record_session(self.run_dir, {
             **runs.environment(self.device, job.gpu_names), "event": "resume" if job.resume else "train",
             "from_step": state.step, "world_size": n, "runtime": {
-                "precision": rt.precision, "attention": rt.attention, "compile": rt.compile, "distributed": self.mode},
+                "precision": rt.precision, "attention": rt.attention, "compile": rt.compile, "distributed": self.mode,
+                "switches": self.configured},
             "data": self.fingerprints})
 
     def train(self) -> None:
@@ -574,7 +615,7 @@ class _Trainer:
         parts_acc: dict[str, torch.Tensor] = {}
         stats_acc: dict[str, torch.Tensor] = {}
         for i in range(n):
-            x, y = phases.loader.next_batch(self.dist.rank, self.dist.world_size)
+            x, y = phases.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with distributed.accumulating(self.wrapped, self.mode, last=i == n - 1):
                 with self.rt.autocast:
