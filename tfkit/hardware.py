@@ -427,6 +427,22 @@ class Runtime:
             notes.append("glibc malloc keeps freed memory for reuse (TFKIT_MALLOC=default to opt out)")
         return notes
 
+    def peak_memory_bytes(self) -> Optional[int]:
+        """Memory training has used so far, in bytes: the CUDA allocator's peak, MPS's current
+        allocation, or this process's peak resident set on the CPU; ``None`` when unknown."""
+        import torch
+
+        if self.device_type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.device_type == "mps":
+            return int(torch.mps.current_allocated_memory())
+        try:
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        except (ImportError, OSError):
+            return None
+
     @property
     def needs_grad_scaler(self) -> bool:
         """True for fp16, whose narrow exponent range needs dynamic loss scaling."""

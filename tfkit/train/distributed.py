@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tfkit.errors import TfkitError
+from tfkit.hardware import Runtime
 
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -259,7 +260,7 @@ def launch(nproc: int, args: list[str]) -> int:
 # Wrapping
 
 
-def wrap(model: nn.Module, mode: str, dist_: Dist, device: str, precision: str) -> tuple[nn.Module, frozenset[str]]:
+def wrap(model: nn.Module, mode: str, dist_: Dist, runtime: Runtime) -> tuple[nn.Module, frozenset[str]]:
     """The module the training step calls: ``model`` itself (one process), a DDP wrapper, or
     ``model`` sharded in place by FSDP2 (``fully_shard`` on each of ``model.shard_units()``, the
     blocks, then the root).
@@ -280,7 +281,7 @@ def wrap(model: nn.Module, mode: str, dist_: Dist, device: str, precision: str) 
 
         import inspect
 
-        ids = [dist_.local_rank] if device.startswith("cuda") else None
+        ids = [dist_.local_rank] if runtime.device_type == "cuda" else None
         # newer torch renames broadcast_buffers; either way the buffers are synced once, at wrap time
         params = inspect.signature(DDP.__init__).parameters
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
@@ -289,10 +290,10 @@ def wrap(model: nn.Module, mode: str, dist_: Dist, device: str, precision: str) 
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(torch.device(device).type, (dist_.world_size,))
+        mesh = init_device_mesh(runtime.device_type, (dist_.world_size,))
         kwargs: dict[str, Any] = {"mesh": mesh}
-        if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        if runtime.autocast_dtype is not None:
+            dtype = getattr(torch, runtime.autocast_dtype)
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         lifted = _lift_scalars(model)
         units = model.shard_units() if hasattr(model, "shard_units") else list(getattr(model, "blocks", []))

@@ -171,19 +171,6 @@ def out_of_memory_advice(cfg: RunConfig, device: str, step: int, run_name: str) 
                          "or start over with `tfkit train ... --set ...`")
 
 
-def _memory_bytes(device: str) -> Optional[int]:
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    if device == "mps":
-        return int(torch.mps.current_allocated_memory())
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except (ImportError, OSError):
-        return None
-
-
 def _open_data(cfg: RunConfig, vocab_size: int):
     train_file = TokenFile.open(cfg.data.train)
     if train_file.header.vocab_size > vocab_size:
@@ -432,7 +419,7 @@ class _Trainer:
         if self.dist.rank:  # its own random stream (latents, sampling) from here on; rank 0 keeps the run's
             torch.manual_seed(int(np.random.SeedSequence([cfg.system.seed, self.dist.rank]).generate_state(1)[0]))
         self.aliases = self.model._aliases()  # tied weights, found before FSDP2 turns them into DTensors
-        self.wrapped, self.lifted = distributed.wrap(self.model, self.mode, self.dist, device, self.rt.precision)
+        self.wrapped, self.lifted = distributed.wrap(self.model, self.mode, self.dist, self.rt)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.rt.device_type)  # after sharding
         self.scaler = torch.amp.GradScaler(self.rt.device_type, enabled=self.rt.needs_grad_scaler)
         # with N ranks an optimizer step keeps the config's tokens: each rank accumulates A/N micro-batches
@@ -519,7 +506,7 @@ class _Trainer:
             return
         runs.update_run_info(self.run_dir, status="training", params=self.model.num_params(), error=None)
         runs.record_session(self.run_dir, {
-            **runs.environment(self.device, job.gpu_names), "event": "resume" if job.resume else "train",
+            **runs.environment(self.rt, job.gpu_names), "event": "resume" if job.resume else "train",
             "from_step": state.step, "world_size": n, "runtime": {
                 "precision": rt.precision, "attention": rt.attention, "compile": rt.compile, "distributed": self.mode,
                 "switches": self.configured},
@@ -705,7 +692,7 @@ class _Trainer:
             eta = min(eta, max(0.0, self.budget - (now - self.session_start)))
         peak = self.job.peak_flops
         mfu = tps * self.flops_tok / (peak * self.dist.world_size) if peak else None
-        memory = _memory_bytes(self.device)
+        memory = self.rt.peak_memory_bytes()
         for k, (step, lr, loss, grad_norm, parts, stats) in enumerate(rows):
             self.emit(StepDone(step=step, max_steps=target, loss=loss, lr=lr, grad_norm=grad_norm,
                                tokens_seen=state.tokens_seen - (len(rows) - 1 - k) * self.tokens_per_step,

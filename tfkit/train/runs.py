@@ -23,12 +23,15 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from tfkit import __version__
 from tfkit.errors import CheckpointError
 from tfkit.fsutil import write_text_atomic
 from tfkit.paths import runs_dir
+
+if TYPE_CHECKING:
+    from tfkit.hardware import Runtime
 
 STATUSES = ("created", "training", "interrupted", "finished", "failed", "diverged")
 """Values of ``run.json``'s ``status``."""
@@ -212,11 +215,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: str = "cpu", gpu_names: tuple[str, ...] = ()) -> dict[str, Any]:
+def environment(runtime: Optional["Runtime"] = None, gpu_names: tuple[str, ...] = ()) -> dict[str, Any]:
     """Versions, device and command line of this process, JSON-safe.
 
     Args:
-        device: the resolved device (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+        runtime: the resolved runtime (device ``cpu``, ``cuda``, ``cuda:1``, ``mps``); default the CPU.
         gpu_names: names of the visible CUDA GPUs (from ``tfkit.hardware.detect()``).
     """
     import numpy
@@ -226,10 +229,15 @@ def environment(device: str = "cpu", gpu_names: tuple[str, ...] = ()) -> dict[st
     with contextlib.suppress(Exception):
         v = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         cudnn = str(v) if v else None
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
+    if runtime is None:
+        from tfkit.hardware import Runtime
+
+        runtime = Runtime(device="cpu", precision="fp32", attention="sdpa", compile=False)
+    device = runtime.device
+    if runtime.gpu_index is not None:
+        index = runtime.gpu_index
         name = gpu_names[index] if index < len(gpu_names) else "CUDA GPU"
-    elif device == "mps":
+    elif runtime.device_type == "mps":
         name = f"Apple MPS ({platform.machine()})"
     else:
         name = _cpu_name()
