@@ -167,7 +167,9 @@ class PeerLost(TfkitError):
 
 def peer_lost(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective that failed because another rank went away."""
-    dist_error = getattr(torch.distributed, "DistError", None) if torch.distributed.is_available() else None
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
     if dist_error is not None and isinstance(exc, dist_error):
         return True
     text = str(exc)
