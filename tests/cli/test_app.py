@@ -45,3 +45,13 @@ def test_hint_keeps_square_brackets(tmp_path):
     with err.capture() as cap:
         report("bad [thing]", "pip install 'tfkit[flash]'")
     assert "bad [thing]" in cap.get() and "pip install 'tfkit[flash]'" in cap.get()
+
+
+def test_preset_auto_settings_yield_to_the_config_file_and_set_flags(tmp_path):
+    from tfkit.cli.train import _keys_given
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  grad_accum_steps: 3\nsystem:\n  grad_checkpointing: true\n")
+    given = _keys_given(cfg, ["train.batch_size=2", "optim.lr=1e-3"])
+    assert {"train.batch_size", "train.grad_accum_steps", "system.grad_checkpointing"} <= given
+    assert "train.max_steps" not in given and _keys_given(None, []) == set()

@@ -153,3 +153,18 @@ def test_help_explains_with_an_example():
     result = CliRunner().invoke(app, ["doctor", "--help"], prog_name="tfkit")
     assert result.exit_code == 0
     assert "--json" in result.stdout and "Example" in result.stdout and "--preset auto" in result.stdout
+
+
+def test_several_gpus_get_a_distributed_choice_and_the_torchrun_command(tmp_path, monkeypatch):
+    gpu = {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 * 1024**3, "capability": [9, 0]}
+    monkeypatch.setenv(hardware.FAKE_ENV, fake_file(tmp_path, cuda_version="12.4", gpus=[gpu] * 4))
+    result, data = run_json()
+    assert result.exit_code == 0, result.stderr
+    auto = data["auto"]
+    assert (auto["distributed"], auto["world_size"]) == ("ddp", 4)
+    assert auto["torchrun_command"] == "torchrun --standalone --nproc-per-node 4 -m tfkit train --preset auto"
+    row = next(c for c in data["checks"] if c["name"] == "auto: distributed")
+    assert "ddp over 4 GPUs" in row["detail"] and "--nproc-per-node 4" in row["detail"]
+    monkeypatch.setenv(hardware.FAKE_ENV, "cpu")
+    _, data = run_json()
+    assert data["auto"]["distributed"] == "none" and data["auto"]["torchrun_command"] is None
