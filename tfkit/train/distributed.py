@@ -325,6 +325,27 @@ def _unlift(named: dict[str, Any], lifted: frozenset[str], shape: tuple) -> dict
             if k in lifted else val for k, val in named.items()}
 
 
+def compiled(wrapped: nn.Module, model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(dynamic=False)``: one graph per input shape, so a curriculum phase that
+    changes ``context_length`` recompiles once. Under FSDP2 each shard unit is compiled in place
+    instead (torchtitan's recipe), leaving FSDP2's all-gather hooks between the graphs."""
+    if mode == "fsdp":
+        for unit in model.shard_units() if hasattr(model, "shard_units") else []:
+            unit.compile(dynamic=False)
+        return wrapped
+    return torch.compile(wrapped, dynamic=False)
+
+
+def grad_scaler(runtime: Runtime, mode: str):
+    """The fp16 loss scaler (disabled for bf16/fp32). Under FSDP2 each rank holds other gradient
+    shards, so the scaler must agree on "any inf" over ranks: ``ShardedGradScaler`` all-reduces it."""
+    if mode == "fsdp" and runtime.needs_grad_scaler:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(runtime.device_type)
+    return torch.amp.GradScaler(runtime.device_type, enabled=runtime.needs_grad_scaler)
+
+
 @contextlib.contextmanager
 def accumulating(step_model: nn.Module, mode: str, last: bool):
     """Skip the gradient all-reduce on every micro-batch but the last of an optimizer step."""

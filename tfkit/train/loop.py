@@ -421,7 +421,7 @@ class _Trainer:
         self.aliases = self.model._aliases()  # tied weights, found before FSDP2 turns them into DTensors
         self.wrapped, self.lifted = distributed.wrap(self.model, self.mode, self.dist, self.rt)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.rt.device_type)  # after sharding
-        self.scaler = torch.amp.GradScaler(self.rt.device_type, enabled=self.rt.needs_grad_scaler)
+        self.scaler = distributed.grad_scaler(self.rt, self.mode)
         # with N ranks an optimizer step keeps the config's tokens: each rank accumulates A/N micro-batches
         a, n = cfg.train.grad_accum_steps, self.dist.world_size
         self.accum = a // n if a % n == 0 else a
@@ -481,7 +481,7 @@ class _Trainer:
             state.schedule_steps = t.max_steps
         self.budget = budget
         self.fitted = budget is None or (job.resume and not job.refit_schedule)
-        self.step_model = torch.compile(self.wrapped, dynamic=False) if self.rt.compile else self.wrapped  # a recompile per phase
+        self.step_model = distributed.compiled(self.wrapped, self.model, self.mode) if self.rt.compile else self.wrapped
         self.phases.at(state.step)
         self.tokens_per_step = self.dist.world_size * self.accum * t.batch_size * self.phases.context_length
         self.flops_tok = self.model.flops_per_token(self.phases.context_length)
