@@ -191,3 +191,17 @@ def test_every_arch_trains_under_ddp_and_fsdp2(runs, corpus, arch, mode):
     # Transformer draws its latents at random, each rank from a stream of its own: no exact match)
     if arch != "free":
         assert abs(_losses(home, name)[1] - _losses(home, f"{name}-1")[1]) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_compiled_steps_under_ddp_and_fsdp2_train_what_eager_steps_train(runs, corpus, mode):
+    """torch.compile (the CUDA default) around DDP, and per shard unit under FSDP2."""
+    home, _ = runs
+    data, tok = corpus
+    name = f"compiled-{mode}"
+    r = _tfkit(_train(data, tok, name, [f"system.distributed={mode}", "system.compile=true"], steps=3)
+               + ["--nproc-per-node", 2], home, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    eager, compiled = _losses(home, mode), _losses(home, name)
+    assert all(abs(eager[s] - compiled[s]) < 1e-4 for s in (1, 2, 3))
