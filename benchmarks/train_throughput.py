@@ -52,7 +52,7 @@ def main() -> None:
     wrapped, _ = distributed.wrap(model, rt.distributed, dist, rt.device, rt.precision)
     opt = build_optimizer(model, cfg.optim, rt.device_type)
     step_model = torch.compile(wrapped, dynamic=False) if rt.compile else wrapped
-    accum = t.grad_accum_steps // world if t.grad_accum_steps % world == 0 else t.grad_accum_steps
+    accum = distributed.accum_per_rank(t.grad_accum_steps, world)
     x = torch.randint(0, m.vocab_size, (t.batch_size, m.context_length), device=rt.device)
 
     def step() -> None:

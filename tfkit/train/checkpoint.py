@@ -738,7 +738,7 @@ class TrainingFiles:
     """A full checkpoint read into memory, not yet applied to a model (every rank reads its own).
 
     Attributes:
-        weights: tensors of ``model.safetensors`` (on the requested device).
+        weights: tensors of ``model.safetensors`` (on the requested device; empty when not read).
         optimizer: the optimizer state keyed by parameter name (position-keyed in older checkpoints).
         state: the loop state.
         data: the whole ``state.json``.
@@ -757,8 +757,9 @@ class TrainingFiles:
         return int(self.data.get("world_size", 1))
 
 
-def read_training_state(ckpt: Path, device: str | torch.device = "cpu") -> TrainingFiles:
-    """Read a full checkpoint's files.
+def read_training_state(ckpt: Path, device: str | torch.device = "cpu", weights: bool = True) -> TrainingFiles:
+    """Read a full checkpoint's files (``weights=False``: all but ``model.safetensors``, for a caller
+    that loads it into a module itself).
 
     Raises:
         CheckpointError: any file unreadable, or ``ckpt`` holds weights only (``best/``).
@@ -768,7 +769,7 @@ def read_training_state(ckpt: Path, device: str | torch.device = "cpu") -> Train
                               "resume from a step checkpoint: `--checkpoint latest` or a step number")
     data = load_state(ckpt)
     try:
-        weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
+        tensors = load_file(str(ckpt / "model.safetensors"), device=str(device)) if weights else {}
         opt_tensors = load_file(str(ckpt / "optimizer.safetensors"), device=str(device))
         named = _optimizer_from_flat(opt_tensors, data["optimizer_param_groups"])
         rng_tensors = load_file(str(ckpt / "rng.safetensors"))
@@ -776,7 +777,7 @@ def read_training_state(ckpt: Path, device: str | torch.device = "cpu") -> Train
         raise CheckpointError(f"`{ckpt}`: cannot read its weights, optimizer or RNG state ({exc})",
                               "use an earlier checkpoint") from None
     fields = TrainState.__dataclass_fields__
-    return TrainingFiles(weights, named, TrainState(**{k: v for k, v in data.items() if k in fields}), data, rng_tensors)
+    return TrainingFiles(tensors, named, TrainState(**{k: v for k, v in data.items() if k in fields}), data, rng_tensors)
 
 
 def restore_extras(files: TrainingFiles, optimizer: torch.optim.Optimizer, scaler: Any = None, rank: int = 0) -> None:
@@ -799,7 +800,7 @@ def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opt
         CheckpointError: any file unreadable or inconsistent with the model, or ``ckpt`` holds
             weights only (``best/``).
     """
-    files = read_training_state(ckpt, device)
+    files = read_training_state(ckpt, device, weights=False)
     load_weights(model, ckpt, device)
     try:
         load_named_optimizer_state(model, optimizer, files.optimizer)

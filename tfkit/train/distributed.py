@@ -262,6 +262,14 @@ def launch(nproc: int, args: list[str]) -> int:
 # Wrapping
 
 
+def accum_per_rank(grad_accum_steps: int, world_size: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step: ``grad_accum_steps / world_size``
+    when it divides (the config's tokens per step are kept), else all of them (N times the tokens)."""
+    if grad_accum_steps % world_size == 0:
+        return grad_accum_steps // world_size
+    return grad_accum_steps
+
+
 def wrap(model: nn.Module, mode: str, dist_: Dist, runtime: Runtime) -> tuple[nn.Module, frozenset[str]]:
     """The module the training step calls: ``model`` itself (one process), a DDP wrapper, or
     ``model`` sharded in place by FSDP2 (``fully_shard`` on each of ``model.shard_units()``, the

@@ -422,9 +422,7 @@ class _Trainer:
         self.wrapped, self.lifted = distributed.wrap(self.model, self.mode, self.dist, self.rt)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.rt.device_type)  # after sharding
         self.scaler = distributed.grad_scaler(self.rt, self.mode)
-        # with N ranks an optimizer step keeps the config's tokens: each rank accumulates A/N micro-batches
-        a, n = cfg.train.grad_accum_steps, self.dist.world_size
-        self.accum = a // n if a % n == 0 else a
+        self.accum = distributed.accum_per_rank(cfg.train.grad_accum_steps, self.dist.world_size)
         self.phases = _Curriculum(cfg, train_tokens, self.dist.rank, self.dist.world_size,
                                   prefetch=prefetches(self.rt), pin=self.rt.device_type == "cuda")
         self.phases.at(0)
@@ -483,7 +481,6 @@ class _Trainer:
         self.fitted = budget is None or (job.resume and not job.refit_schedule)
         self.step_model = distributed.compiled(self.wrapped, self.model, self.mode) if self.rt.compile else self.wrapped
         self.phases.at(state.step)
-        self.tokens_per_step = self.dist.world_size * self.accum * t.batch_size * self.phases.context_length
         self.flops_tok = self.model.flops_per_token(self.phases.context_length)
         rt, n = self.rt, self.dist.world_size
         self.emit(RunStarted(name=self.run_dir.name, run_dir=str(self.run_dir), arch=cfg.model.arch,
@@ -562,6 +559,11 @@ class _Trainer:
         """Training seconds of the whole run so far (earlier sessions included)."""
         return self.elapsed_before + time.perf_counter() - self.session_start
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all ranks, at the current phase's context length."""
+        return self.dist.world_size * self.accum * self.cfg.train.batch_size * self.phases.context_length
+
     def agreed_signal(self) -> Optional[int]:
         """The signal any rank received (SIGTERM wins over SIGINT), now this rank's too; ``None`` if none."""
         (sig,) = self.dist.max_flags(self.stop.signal or 0)
@@ -588,9 +590,8 @@ class _Trainer:
     def train_step(self) -> None:
         """One optimizer step over this rank's micro-batches. Loss, parts, stats and the gradient norm
         stay on the device until :meth:`read_back` (no host sync here)."""
-        cfg, t, state, device, phases, n = self.cfg, self.cfg.train, self.state, self.device, self.phases, self.accum
+        cfg, state, device, phases, n = self.cfg, self.state, self.device, self.phases, self.accum
         if phases.at(state.step):
-            self.tokens_per_step = self.dist.world_size * n * t.batch_size * phases.context_length
             self.flops_tok = self.model.flops_per_token(phases.context_length)
             if state.step > 0:
                 self.emit(Message(f"curriculum phase {phases.index} from step {state.step}: context_length "
@@ -639,26 +640,24 @@ class _Trainer:
             NonFiniteLoss: a loss or (without a grad scaler) a gradient norm is NaN/Inf; no
                 checkpoint holding its update was written (checkpoints read back first).
         """
-        if not self.pending:
+        pending, self.pending = self.pending, []
+        if not pending:
             return []
-        rows = self.dist.mean_(torch.cat([r[-1] for r in self.pending])).tolist()  # the one host sync
+        rows = self.dist.mean_(torch.cat([r[-1] for r in pending])).tolist()  # the one host sync
         out, i = [], 0
-        for step, lr, pk, sk, row in self.pending:
+        for step, lr, pk, sk, row in pending:
             vals = rows[i:i + len(row)]
             i += len(row)
             loss, grad_norm = vals[0], vals[1]
             if not math.isfinite(loss):
-                self.pending = []
                 raise self.diverged(f"non-finite loss ({loss}) at step {step}; no checkpoint holding it was written",
                                     "raise `optim.warmup_steps`, or use `system.precision=fp32`")
             if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                self.pending = []
                 raise self.diverged(f"non-finite gradient norm at step {step}; no checkpoint holding it was written",
                                     "set `optim.grad_clip`")
             parts = dict(zip(pk, vals[2:2 + len(pk)]))
             stats = dict(zip(sk, vals[2 + len(pk):]))
             out.append((step, lr, loss, grad_norm, parts, stats))
-        self.pending = []
         return out
 
     def maybe_log(self) -> bool:
