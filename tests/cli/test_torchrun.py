@@ -174,6 +174,26 @@ def test_sigterm_to_rank_1_alone_stops_both_ranks_at_one_step_with_one_checkpoin
     assert json.loads((_run(home, "term") / "run.json").read_text())["status"] == "interrupted"
 
 
+def test_an_error_on_rank_0_is_said_once_and_every_rank_exits_with_its_code(runs, corpus):
+    """Rank 1 hears rank 0's error and exits with rank 0's exit code without repeating it; a rank's
+    own error carries a literal ``[rank N]`` prefix."""
+    home, _ = runs
+    data, tok = corpus
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):  # "one" exists already: rank 0 refuses to make the run again
+        env = {**os.environ, **_ENV, "TFKIT_HOME": str(home), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tfkit", *map(str, _train(data, tok, "one", steps=2))],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], outs[0][1][-1500:] + outs[1][1][-1500:]
+    assert "error: run `one` already exists" in outs[0][1] and outs[1][1].strip() == ""
+    r = subprocess.run([sys.executable, "-c", "from tfkit.cli.app import report; report('disk full', 'free some')"],
+                       env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"}, capture_output=True, text=True)
+    assert r.stderr.splitlines() == ["[rank 1] error: disk full", "hint: free some"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mod", "dtf", "free", "mhc"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -28,10 +28,18 @@ def report(message: str, hint: str = "") -> None:
     from tfkit.cli.output import err, process_rank
 
     rank = process_rank()
-    where = f"[rank {rank}] " if rank else ""  # under torchrun, say which process failed
+    where = escape(f"[rank {rank}] ") if rank else ""  # under torchrun, say which process failed
     err.print(f"{where}[bold red]error:[/bold red] {escape(message)}", highlight=False)
     if hint:
         err.print(f"[bold]hint:[/bold] {escape(hint)}", highlight=False)
+
+
+def _echo_of_rank_zero(exc: TfkitError) -> bool:
+    """True for rank 0's error as another rank of the same machine heard it: rank 0 has printed it
+    to the same terminal already (ranks on other machines, ``GROUP_RANK`` > 0, still print it)."""
+    from tfkit.train.distributed import RankZeroFailed
+
+    return isinstance(exc, RankZeroFailed) and os.environ.get("GROUP_RANK", "0") == "0"
 
 
 class _ErrorBoundary(TyperGroup):
@@ -48,7 +56,8 @@ class _ErrorBoundary(TyperGroup):
         except TfkitError as exc:
             if _debug():
                 raise
-            report(exc.message, exc.hint)
+            if not _echo_of_rank_zero(exc):
+                report(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if _debug():
@@ -115,8 +124,34 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point (`tfkit`)."""
-    app(prog_name="tfkit")
+    """Console-script entry point (`tfkit`).
+
+    A rank of a distributed run leaves through ``os._exit`` once its output is flushed: by then it
+    has left the process group and closed its files, and skipping the interpreter's teardown skips
+    C++ destructors of gloo/inductor threads that, in the wrong order, abort a finished run (seen
+    once in CI as ``terminate called without an active exception`` and SIGABRT after rank 0 had
+    saved the last checkpoint)."""
+    from tfkit.cli.output import process_world_size
+
+    if process_world_size() <= 1:
+        app(prog_name="tfkit")
+        return
+    try:
+        app(prog_name="tfkit")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,18 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 """Console for everything a person reads (messages, progress, dashboard)."""
 
 
+def process_world_size() -> int:
+    """The number of processes of this run under torchrun (``WORLD_SIZE``), 1 otherwise."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def process_rank() -> int:
     """This process's rank under torchrun (``RANK``), 0 otherwise."""
     try:
-        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        return int(os.environ.get("RANK", "0")) if process_world_size() > 1 else 0
     except ValueError:
         return 0
 

@@ -138,8 +138,8 @@ class Dist:
             return result
         kind, value = self.broadcast(None)
         if kind == "error":
-            message, hint = value
-            raise RankZeroFailed(f"rank 0: {message}", hint)
+            message, hint, code = value
+            raise RankZeroFailed(f"rank 0: {message}", hint, exit_code=code)
         return value
 
     def barrier(self) -> None:
@@ -158,7 +158,12 @@ class Dist:
 
 
 class RankZeroFailed(TfkitError):
-    """Raised on ranks 1..N-1 when rank 0 failed in a step they waited for."""
+    """Raised on ranks 1..N-1 when rank 0 failed in a step they waited for; it exits with rank 0's
+    exit code."""
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = 1) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
 
 
 class PeerLost(TfkitError):
@@ -177,12 +182,12 @@ def peer_lost(exc: BaseException) -> bool:
         t in text for t in ("Connection reset by peer", "Connection closed by peer", "gloo/transport", "NCCL error"))
 
 
-def _describe(exc: BaseException) -> tuple[str, str]:
+def _describe(exc: BaseException) -> tuple[str, str, int]:
     if isinstance(exc, TfkitError):
-        return exc.message, exc.hint
+        return exc.message, exc.hint, exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", ""
-    return f"{type(exc).__name__}: {exc}", ""
+        return "interrupted", "", 130
+    return f"{type(exc).__name__}: {exc}", "", 1
 
 
 def init(device_type: str, timeout_s: float = 1800.0) -> Dist:
@@ -243,7 +248,7 @@ def launch(nproc: int, args: list[str]) -> int:
         import signal as _signal
         import sys
 
-        rank, first = exc.get_first_failure()  # the cause; torchrun then stopped the others (SIGTERM)
+        rank, first = _cause(exc)
         if first.exitcode < 0:  # killed by a signal: it could not say so itself
             try:
                 name = _signal.Signals(-first.exitcode).name
@@ -256,6 +261,17 @@ def launch(nproc: int, args: list[str]) -> int:
     except SignalException as exc:  # torchrun itself was told to stop; the ranks checkpointed first
         return 128 + int(exc.sigval)
     return 0
+
+
+def _cause(exc: Any) -> tuple[int, Any]:
+    """The failure that brought a run down: a rank killed by a signal other than torchrun's own
+    SIGTERM/SIGINT (SIGKILL from the OOM killer, SIGSEGV, SIGABRT), since the ranks that lost it as
+    a peer exit with 1 soon after and may be recorded first; else torchrun's first failure."""
+    import signal as _signal
+
+    stops = (-int(_signal.SIGTERM), -int(_signal.SIGINT))
+    killed = sorted((r, f) for r, f in exc.failures.items() if f.exitcode < 0 and f.exitcode not in stops)
+    return killed[0] if killed else exc.get_first_failure()
 
 
 # ---------------------------------------------------------------------------------------------
