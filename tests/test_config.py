@@ -74,7 +74,9 @@ def test_unknown_preset_suggests():
 
 @pytest.mark.parametrize("arch", config.ARCHS)
 def test_to_yaml_round_trips_and_documents_every_field(tmp_path, arch):
-    cfg = config.load(preset="tiny", overrides=["optim.betas=[0.8, 0.9]", "train.max_time=90s", f"model.arch={arch}"])
+    cfg = config.load(preset="tiny", overrides=["optim.betas=[0.8, 0.9]", "train.max_time=90s", f"model.arch={arch}",
+                                                "model.rope_scaling.factor=32"])
+    assert cfg.model.rope_scaling.factor == 32 and cfg.model.rope_scaling.original_context_length == 8192
     text = config.to_yaml(cfg, "header")
     f = tmp_path / "out.yaml"
     f.write_text(text)
@@ -147,5 +149,5 @@ def test_presets_sizes_are_ordered_and_in_range():
 
 def test_ffn_dim_and_kv_heads_defaults():
     m = config.ModelConfig(d_model=192, n_heads=6)
-    assert m.ffn_dim == 512 and m.kv_heads == 6 and m.head_dim == 32
+    assert m.ffn_dim == 512 and m.kv_heads == 6 and m.head_size == 32
     assert config.padded_vocab(4000) == 4032 and config.padded_vocab(4096) == 4096

@@ -137,6 +137,25 @@ class MHCConfig(_Section):
     alpha_init: float = Field(0.01, ge=0, description="Initial scale of the token-dependent part of H_pre, H_post, H_res.")
 
 
+class RopeScaling(_Section):
+    """RoPE frequency scaling for long contexts; only Llama 3.1's ``llama3`` rule (Meta, "The Llama 3
+    Herd of Models", arXiv 2407.21783): wavelengths longer than ``original_context_length /
+    low_freq_factor`` are stretched by ``factor``, those shorter than ``original_context_length /
+    high_freq_factor`` are kept, and the band between is interpolated."""
+
+    type: Literal["llama3"] = Field("llama3", description="Scaling rule; only llama3 (Llama 3.1/3.2).")
+    factor: float = Field(8.0, gt=0, description="How much the long wavelengths are stretched.")
+    low_freq_factor: float = Field(1.0, gt=0, description="Wavelengths above original_context_length / low_freq_factor are stretched by factor.")
+    high_freq_factor: float = Field(4.0, gt=0, description="Wavelengths below original_context_length / high_freq_factor are kept.")
+    original_context_length: int = Field(8192, ge=1, description="Context length the model was pretrained with before scaling (tokens).")
+
+    @model_validator(mode="after")
+    def _bands(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"high_freq_factor={self.high_freq_factor} must exceed low_freq_factor={self.low_freq_factor}")
+        return self
+
+
 VARIANT_SECTIONS = {"mod": MoDConfig, "dtf": DTFConfig, "free": FreeConfig, "mhc": MHCConfig}
 """``model.arch`` -> the class of its nested config section ``model.<arch>``."""
 
@@ -161,7 +180,16 @@ class ModelConfig(_Section):
         None, ge=1, description="Hidden width of the feed-forward block; empty = 8/3 * d_model rounded up to 64."
     )
     context_length: int = Field(256, ge=2, description="Longest sequence the model sees, in tokens.")
+    head_dim: Optional[int] = Field(
+        None, ge=2, description="Width of each attention head; empty = d_model / n_heads (Qwen3 sets it apart)."
+    )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (theta).")
+    rope_scaling: Optional[RopeScaling] = Field(
+        None, description="RoPE frequency scaling for long contexts (Llama 3.1's llama3 rule); empty = none."
+    )
+    attention_bias: bool = Field(
+        False, description="Biases on the query, key and value projections (Qwen2 / Qwen2.5 style)."
+    )
     norm_eps: float = Field(1e-5, gt=0, le=1, description="Epsilon of every RMSNorm.")
     ffn: Literal["swiglu", "geglu"] = Field("swiglu", description="Feed-forward gate: swiglu (SiLU) or geglu (GELU).")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
@@ -201,9 +229,13 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
+        if self.head_dim is not None:
+            if self.head_dim % 2:
+                raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        elif self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                             "set model.head_dim to size the heads apart from d_model")
+        elif (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
@@ -211,8 +243,9 @@ class ModelConfig(_Section):
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """``head_dim`` resolved: d_model / n_heads when unset."""
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -593,8 +626,9 @@ def padded_vocab(vocab_size: int) -> int:
 def count_params(m: ModelConfig, vocab_size: Optional[int] = None) -> int:
     """Parameters of a llama-style model of this shape (embedding counted once when tied)."""
     v = m.vocab_size or vocab_size or 4096
-    d, hd = m.d_model, m.head_dim
+    d, hd = m.d_model, m.head_size
     attn = d * (m.n_heads * hd) + 2 * d * (m.kv_heads * hd) + (m.n_heads * hd) * d
+    attn += (m.n_heads + 2 * m.kv_heads) * hd if m.attention_bias else 0
     ffn = 3 * d * m.ffn_dim
     norms = 2 * d + (2 * hd if m.qk_norm else 0)
     emb = v * d * (1 if m.tie_embeddings else 2)
@@ -650,7 +684,7 @@ def estimate_train_memory(cfg: RunConfig, bytes_per_activation: int = 4, vocab_s
     b = batch_size or t.batch_size
     ckpt = cfg.system.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
     tokens, d = b * m.context_length, m.d_model
-    per_token = (10 * d + 4 * m.ffn_dim + 2 * m.kv_heads * m.head_dim) * act + 2 * d * 4
+    per_token = (10 * d + 4 * m.ffn_dim + 2 * m.kv_heads * m.head_size) * act + 2 * d * 4
     if attention == "eager":
         per_token += 2 * m.n_heads * m.context_length * act  # scores and probabilities, (B, h, T, T)
     layer = tokens * per_token

@@ -206,7 +206,7 @@ def test_block_is_prenorm_residual():
     torch.manual_seed(0)
     cfg = tiny_cfg()
     block = Block(cfg)
-    rope = RotaryEmbedding(cfg.head_dim, cfg.context_length)
+    rope = RotaryEmbedding(cfg.head_size, cfg.context_length)
     x = torch.randn(2, 7, cfg.d_model)
     cos, sin = rope(0, 7)
     u = x + block.attn(block.attn_norm(x), cos, sin)

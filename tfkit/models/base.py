@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tfkit.config import CE_CHUNK_ELEMENTS, ModelConfig
 from tfkit.errors import CheckpointError
-from tfkit.models.layers import KVCache, RMSNorm
+from tfkit.models.layers import Block, KVCache, RMSNorm, RotaryEmbedding
 
 RESIDUAL_PROJECTIONS = ("attn.wo.weight", "ffn.w2.weight")
 """Suffixes of the weights initialised with the scaled std ``init_std / sqrt(2 * n_layers)``."""
@@ -80,9 +80,12 @@ class ModelOutput:
 class LanguageModel(nn.Module):
     """Common interface of every decoder-only variant (see ``tfkit.models.REGISTRY``).
 
-    Subclasses set ``config`` (their :class:`~tfkit.config.ModelConfig`) and ``context_length``
-    (tokens), name their token embedding ``embed`` and implement :meth:`forward` and
-    :meth:`new_cache`.
+    The trunk every variant shares is written here once (torchtitan's ``models/common/decoder.py``
+    is the model): :meth:`_init_trunk` makes ``embed``, ``rope``, ``blocks``, ``norm`` and ``head``;
+    a forward is ``x, cos, sin = self._embed(...)``, the variant's own walk over the blocks (with
+    :meth:`_block` for a plain one), then ``logits = self._logits(x, cache)`` and the loss. So the
+    vocabulary check, RoPE layout and scaling, attention biases and the checkpointing idiom exist
+    once. Subclasses implement :meth:`forward` and add only what differs.
 
     Checkpoints: :meth:`state_dict_for_save` gives a dict that ``safetensors.torch.save_file``
     accepts (one key per storage: with tied embeddings only ``embed.weight`` exists, there is no
@@ -172,7 +175,7 @@ class LanguageModel(nn.Module):
             on = torch.is_autocast_enabled(device.type) if device.type in ("cuda", "cpu") else False
             dtype = torch.get_autocast_dtype(device.type) if on else w.dtype
         cfg = self.config
-        return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, max_len or self.context_length, cfg.head_dim, device, dtype)
+        return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, max_len or self.context_length, cfg.head_size, device, dtype)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -186,6 +189,8 @@ class LanguageModel(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 scaled = any(f"{name}.weight".endswith(s) for s in RESIDUAL_PROJECTIONS)
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
+                if getattr(module, "bias", None) is not None:  # attention_bias: q/k/v start unbiased
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -194,6 +199,53 @@ class LanguageModel(nn.Module):
         """The (V, d) matrix the logits are computed with: ``embed.weight`` when the head is tied."""
         head = getattr(self, "head", None)
         return self.embed.weight if head is None else head.weight
+
+    # -- the shared trunk ----------------------------------------------------------------------
+
+    def _init_trunk(self, cfg: ModelConfig, attention: str, grad_checkpointing: bool) -> None:
+        """Make the shared parts, in this order: ``embed`` (V, d), ``rope`` (RoPE tables of head
+        width D, with ``rope_scaling``), ``blocks`` (``n_layers`` :class:`Block`), ``norm`` and
+        ``head`` (V, d; None when the embedding is tied). Variants add their own modules after.
+
+        Raises:
+            ValueError: ``cfg.vocab_size`` is None, or the attention backend is unknown.
+        """
+        if cfg.vocab_size is None:
+            raise ValueError(f"{type(self).__name__} needs cfg.vocab_size; set model.vocab_size or give a tokenizer")
+        self.config = cfg
+        self.context_length = cfg.context_length
+        self.grad_checkpointing = grad_checkpointing
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.head_size, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
+        self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def _embed(self, ids: Tensor, targets: Optional[Tensor], cache: Optional[KVCache]) -> tuple[Tensor, Tensor, Tensor]:
+        """Start of a forward: check the inputs, reserve cache room, and return the token embeddings
+        x (B, T, d) with the RoPE tables cos, sin (T, D/2) of positions ``cache.length ..`` (or 0..).
+
+        Raises:
+            ValueError: ids is not 2-D, targets' shape differs, or the cache has no room.
+        """
+        _, t, start = self._begin(ids, targets, cache)
+        cos, sin = self.rope(start, t)  # (T, D/2) each
+        return self.embed(ids), cos, sin  # (B, T, d)
+
+    def _block(self, block: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache],
+               ckpt: bool) -> Tensor:
+        """One plain block, recomputed in backward when ``ckpt`` (:meth:`_checkpointing`):
+        x (B, T, d) -> (B, T, d)."""
+        if ckpt:
+            return torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)  # (B, T, d)
+        return block(x, cos, sin, cache)  # (B, T, d)
+
+    def _logits(self, x: Tensor, cache: Optional[KVCache]) -> Tensor:
+        """End of the trunk: mark the T new positions written in ``cache``, apply the final norm and
+        the head. x (B, T, d) -> logits (B, T, V) in the compute dtype."""
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return F.linear(self.norm(x), self.output_weight)  # (B, T, V)
 
     def _begin(self, ids: Tensor, targets: Optional[Tensor], cache: Optional[KVCache]) -> tuple[int, int, int]:
         """Check a forward's inputs and reserve cache room: returns (B, T, first position).

@@ -68,7 +68,6 @@ from tfkit.models.layers import (
     FeedForward,
     KVCache,
     RMSNorm,
-    RotaryEmbedding,
     TokenRouter,
     gather_tokens,
     routed_delta,
@@ -350,27 +349,18 @@ class DynamicTransformer(LanguageModel):
 
     def __init__(self, cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("DynamicTransformer needs cfg.vocab_size; set model.vocab_size or give a tokenizer")
         if cfg.dtf is None:
             raise ValueError("DynamicTransformer needs the model.dtf section; set model.arch=dtf")
         if cfg.n_layers % 2:
             raise ValueError(f"DynamicTransformer pairs its layers: n_layers={cfg.n_layers} must be even")
-        self.config = cfg
+        self._init_trunk(cfg, attention, grad_checkpointing)
         self.dtf = cfg.dtf
-        self.context_length = cfg.context_length
-        self.grad_checkpointing = grad_checkpointing
         self.n_pairs = cfg.n_layers // 2
         d = cfg.d_model
         width = prior_width(d, cfg.dtf.prior_ffn_intermediate_size_factor)
-        self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.n_layers))
         self.priors = nn.ModuleList(PriorFFN(d, width, cfg.norm_eps) for _ in range(self.n_pairs))
         self.gates = nn.ModuleList(SurpriseGate(cfg.dtf) for _ in range(self.n_pairs))
         self.routers = nn.ModuleList(TokenRouter(d) for _ in range(self.n_pairs))
-        self.norm = RMSNorm(d, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -455,10 +445,8 @@ class DynamicTransformer(LanguageModel):
         Raises:
             ValueError: ids is not 2-D, targets' shape differs, or the cache has no room.
         """
-        b, t, start = self._begin(ids, targets, cache)
+        x, cos, sin = self._embed(ids, targets, cache)  # (B, T, d), (T, D/2) x 2
         causal = self.decode_mode or cache is not None
-        cos, sin = self.rope(start, t)  # (T, D/2) each
-        x = self.embed(ids)  # (B, T, d)
         priors, bces, accs, rates = [], [], [], []
         for p in range(self.n_pairs):
             out = self.pair(p, x, cos, sin, cache, causal)
@@ -471,10 +459,7 @@ class DynamicTransformer(LanguageModel):
                 gt = out.gate
                 rates.append(torch.stack([(gt.s_ce > 0.5).float().mean(), (gt.s_cu > 0.5).float().mean(),
                                           gt.g.mean(), out.routed.float().mean()]).detach())
-        if cache is not None:
-            cache.advance(t)
-        x = self.norm(x)  # (B, T, d)
-        logits = F.linear(x, self.output_weight)  # (B, T, V)
+        logits = self._logits(x, cache)  # (B, T, V)
         if targets is None:
             return ModelOutput(logits=logits)
         ce = cross_entropy(logits, targets)  # scalar, nats/token

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tfkit.config import ModelConfig, schedule_at
 from tfkit.models.base import LanguageModel, ModelOutput, cross_entropy
-from tfkit.models.layers import Block, KVCache, RMSNorm, RotaryEmbedding
+from tfkit.models.layers import Block, KVCache
 
 LN2 = math.log(2.0)
 
@@ -153,25 +153,16 @@ class FreeTransformer(LanguageModel):
 
     def __init__(self, cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("FreeTransformer needs cfg.vocab_size; set model.vocab_size or give a tokenizer")
         if cfg.free is None or cfg.free.latent_bits is None:
             raise ValueError("FreeTransformer needs cfg.free with latent_bits; build the config with arch='free'")
         fc = cfg.free
         m = cfg.n_layers // 2 if fc.inject_layer is None else fc.inject_layer
         if not 1 <= m < cfg.n_layers:
             raise ValueError(f"model.free.inject_layer={m} must lie in [1, n_layers={cfg.n_layers})")
-        self.config = cfg
-        self.context_length = cfg.context_length
-        self.grad_checkpointing = grad_checkpointing
+        self._init_trunk(cfg, attention, grad_checkpointing)
         self.latent_bits = fc.latent_bits
         self.inject_layer = m
         d, n_latents = cfg.d_model, 2**fc.latent_bits
-        self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(d, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.encoder = Block(cfg, 0, attention)  # never given a cache; layer index unused
         self.zeta = nn.Parameter(torch.empty(d))  # (d,)
         self.readout = nn.Linear(d, fc.latent_bits, bias=False)
@@ -263,15 +254,15 @@ class FreeTransformer(LanguageModel):
         Raises:
             ValueError: ids is not 2-D, targets' shape differs, or the cache has no room.
         """
-        b, t, start = self._begin(ids, targets, cache)
+        b, t = ids.shape[0], ids.shape[-1]
+        start = 0 if cache is None else cache.length
+        x, cos, sin = self._embed(ids, targets, cache)  # (B, T, d), (T, D/2) x 2
         decoding = self.decode_mode or cache is not None
-        cos, sin = self.rope(start, t)  # (T, D/2) each
         ckpt = self._checkpointing(cache)
         m = self.inject_layer
 
-        x = self.embed(ids)  # (B, T, d)
         for block in self.blocks[:m]:
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if ckpt else block(x, cos, sin, cache)  # (B, T, d)
+            x = self._block(block, x, cos, sin, cache, ckpt)  # (B, T, d)
 
         kl = None
         if decoding:
@@ -293,11 +284,8 @@ class FreeTransformer(LanguageModel):
         else:
             x = block(x, cos, sin, cache, kv=kv)  # (B, T, d)
         for block in self.blocks[m + 1 :]:
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if ckpt else block(x, cos, sin, cache)  # (B, T, d)
-        if cache is not None:
-            cache.advance(t)
-        x = self.norm(x)  # (B, T, d)
-        logits = F.linear(x, self.output_weight)  # (B, T, V)
+            x = self._block(block, x, cos, sin, cache, ckpt)  # (B, T, d)
+        logits = self._logits(x, cache)  # (B, T, V)
 
         extra = None if kl is None else kl.detach()  # (B, T) nats
         if targets is None:

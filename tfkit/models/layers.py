@@ -1,6 +1,7 @@
 """Shared building blocks of every tfkit decoder: RMSNorm, RoPE, attention, gated FFN, Block, KVCache.
 
-Variants compose these layers; none subclasses another. Every ``nn.Linear`` is bias-free.
+Variants compose these layers; none subclasses another. Every ``nn.Linear`` is bias-free except
+the query/key/value projections with ``model.attention_bias`` (Qwen2).
 
 Notation: B batch, T new tokens in this call, S = past + T keys visible, d = d_model,
 H query heads, H_kv key/value heads, D = head_dim = d/H, F = ffn hidden width.
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit.config import ModelConfig
+from tfkit.config import ModelConfig, RopeScaling
 
 ATTENTION_BACKENDS = ("sdpa", "flash", "eager")
 """Values accepted for the ``attention`` constructor argument."""
@@ -91,17 +92,20 @@ class RotaryEmbedding(nn.Module):
         head_dim: D, even.
         context_length: positions to precompute.
         theta: base frequency (10000 in RoFormer and Llama).
+        scaling: ``model.rope_scaling`` (:func:`llama3_frequencies`), or None.
 
     Raises:
         ValueError: head_dim is odd.
     """
 
-    def __init__(self, head_dim: int, context_length: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, context_length: int, theta: float = 10000.0,
+                 scaling: Optional[RopeScaling] = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim = head_dim
         self.theta = float(theta)
+        self.scaling = scaling
         cos, sin = self._tables(context_length, device=None)
         self.register_buffer("cos", cos, persistent=False)  # (max_len, D/2)
         self.register_buffer("sin", sin, persistent=False)  # (max_len, D/2)
@@ -109,6 +113,8 @@ class RotaryEmbedding(nn.Module):
     def _tables(self, length: int, device: Optional[torch.device]) -> tuple[Tensor, Tensor]:
         k = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device)  # (D/2,) = 2k
         inv_freq = self.theta ** (-k / self.head_dim)  # (D/2,)
+        if self.scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, self.scaling)  # (D/2,)
         pos = torch.arange(length, dtype=torch.float64, device=device)  # (max_len,)
         angles = torch.outer(pos, inv_freq)  # (max_len, D/2)
         return angles.cos().float(), angles.sin().float()
@@ -123,6 +129,19 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}, cached={self.cos.shape[0]}"
+
+
+def llama3_frequencies(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
+    """RoPE frequencies (D/2,) rescaled by Llama 3.1's rule (arXiv 2407.21783, the ``llama3``
+    ``rope_scaling`` of Hugging Face configs): frequencies whose wavelength ``2 pi / f`` exceeds
+    ``original_context_length / low_freq_factor`` are divided by ``factor``, those whose wavelength
+    is below ``original_context_length / high_freq_factor`` are kept, and the band between is a
+    linear blend of the two in ``original_context_length / wavelength``."""
+    old = float(scaling.original_context_length)
+    wavelen = 2 * math.pi / inv_freq  # (D/2,) positions per turn
+    ratio = old / wavelen  # (D/2,) turns over the original context
+    smooth = ((ratio - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq  # (D/2,)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -381,8 +400,9 @@ class Attention(nn.Module):
     attention). With ``qk_norm`` an RMSNorm over D is applied to q and k before RoPE (OLMo 2,
     arXiv 2501.00656). The cache stores post-RoPE K and V.
 
-    Parameters: ``wq`` (H*D, d), ``wk``/``wv`` (H_kv*D, d), ``wo`` (d, H*D), and with qk_norm
-    ``q_norm``/``k_norm`` (D,).
+    Parameters: ``wq`` (H*D, d), ``wk``/``wv`` (H_kv*D, d), ``wo`` (d, H*D), with attention_bias
+    the biases ``wq.bias`` (H*D,) and ``wk.bias``/``wv.bias`` (H_kv*D,) (Qwen2), and with qk_norm
+    ``q_norm``/``k_norm`` (D,). D may differ from d/H (``model.head_dim``, Qwen3).
 
     Args:
         cfg: model shape (d_model, n_heads, kv_heads, head_dim, qk_norm, norm_eps).
@@ -399,11 +419,12 @@ class Attention(nn.Module):
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
         self.layer = layer
         self.backend = attention
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        d, hd = cfg.d_model, cfg.head_dim
-        self.wq = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        d, hd = cfg.d_model, cfg.head_size
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
         self.wo = nn.Linear(self.n_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor
 
 from tfkit.config import ModelConfig
 from tfkit.models.base import LanguageModel, ModelOutput, cross_entropy
-from tfkit.models.layers import Block, KVCache, RMSNorm, RotaryEmbedding
+from tfkit.models.layers import KVCache
 
 
 class Llama(LanguageModel):
@@ -45,16 +43,7 @@ class Llama(LanguageModel):
 
     def __init__(self, cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("Llama needs cfg.vocab_size; set model.vocab_size or give a tokenizer")
-        self.config = cfg
-        self.context_length = cfg.context_length
-        self.grad_checkpointing = grad_checkpointing
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_trunk(cfg, attention, grad_checkpointing)
         self.reset_parameters()
 
     def forward(self, ids: Tensor, targets: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> ModelOutput:
@@ -67,19 +56,11 @@ class Llama(LanguageModel):
         Raises:
             ValueError: ids is not 2-D, targets' shape differs, or the cache has no room.
         """
-        b, t, start = self._begin(ids, targets, cache)
-        cos, sin = self.rope(start, t)  # (T, D/2) each
-        x = self.embed(ids)  # (B, T, d)
+        x, cos, sin = self._embed(ids, targets, cache)  # (B, T, d), (T, D/2) x 2
         ckpt = self._checkpointing(cache)
         for block in self.blocks:
-            if ckpt:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)  # (B, T, d)
-            else:
-                x = block(x, cos, sin, cache)  # (B, T, d)
-        if cache is not None:
-            cache.advance(t)
-        x = self.norm(x)  # (B, T, d)
-        logits = F.linear(x, self.output_weight)  # (B, T, V)
+            x = self._block(block, x, cos, sin, cache, ckpt)  # (B, T, d)
+        logits = self._logits(x, cache)  # (B, T, V)
         if targets is None:
             return ModelOutput(logits=logits)
         ce = cross_entropy(logits, targets)  # scalar, nats/token

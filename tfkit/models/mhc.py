@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tfkit.config import MHCConfig, ModelConfig
 from tfkit.models.base import LanguageModel, ModelOutput, cross_entropy
-from tfkit.models.layers import Block, KVCache, RMSNorm, RotaryEmbedding
+from tfkit.models.layers import KVCache, RMSNorm
 
 PRE_BIAS_INIT = 2.0
 """|b_pre| at init: +2 on the stream a sublayer favours, -2 on the others (H_pre ~ 0.88 / 0.12)."""
@@ -234,21 +234,12 @@ class HyperConnectionTransformer(LanguageModel):
 
     def __init__(self, cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("HyperConnectionTransformer needs cfg.vocab_size; set model.vocab_size or give a tokenizer")
-        self.config = cfg
+        self._init_trunk(cfg, attention, grad_checkpointing)
         self.mhc = cfg.mhc if cfg.mhc is not None else MHCConfig()
-        self.context_length = cfg.context_length
-        self.grad_checkpointing = grad_checkpointing
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.n_layers))
         self.mixers = None
         if self.mhc.enabled:
             n, it = self.mhc.n_streams, self.mhc.sinkhorn_iters
             self.mixers = nn.ModuleList(LayerMixers(n, cfg.d_model, cfg.norm_eps, it) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -314,17 +305,13 @@ class HyperConnectionTransformer(LanguageModel):
         Raises:
             ValueError: ids is not 2-D, targets' shape differs, or the cache has no room.
         """
-        b, t, start = self._begin(ids, targets, cache)
-        cos, sin = self.rope(start, t)  # (T, D/2) each
-        x = self.embed(ids)  # (B, T, d)
+        b, t = ids.shape[0], ids.shape[-1]
+        x, cos, sin = self._embed(ids, targets, cache)  # (B, T, d), (T, D/2) x 2
         ckpt = self._checkpointing(cache)
         stats: dict[str, Tensor] = {}
         if self.mixers is None:
             for block in self.blocks:
-                if ckpt:
-                    x = checkpoint(block, x, cos, sin, use_reentrant=False)  # (B, T, d)
-                else:
-                    x = block(x, cos, sin, cache)  # (B, T, d)
+                x = self._block(block, x, cos, sin, cache, ckpt)  # (B, T, d)
         else:
             xs = x.unsqueeze(-2).expand(b, t, self.mhc.n_streams, x.shape[-1])  # (B, T, n, d)
             h_res: list[Tensor] = []
@@ -336,10 +323,7 @@ class HyperConnectionTransformer(LanguageModel):
                 h_res += [h_attn, h_ffn]
             x = xs.mean(dim=-2)  # (B, T, d)
             stats = self._stats(h_res)
-        if cache is not None:
-            cache.advance(t)
-        x = self.norm(x)  # (B, T, d)
-        logits = F.linear(x, self.output_weight)  # (B, T, V)
+        logits = self._logits(x, cache)  # (B, T, V)
         if targets is None:
             return ModelOutput(logits=logits, stats=stats)
         ce = cross_entropy(logits, targets)  # scalar, nats/token

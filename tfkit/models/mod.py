@@ -35,7 +35,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -44,8 +43,6 @@ from tfkit.models.base import LanguageModel, ModelOutput, cross_entropy
 from tfkit.models.layers import (
     Block,
     KVCache,
-    RMSNorm,
-    RotaryEmbedding,
     TokenRouter,
     routed_delta,
     scatter_add_tokens,
@@ -208,23 +205,14 @@ class MixtureOfDepths(LanguageModel):
 
     def __init__(self, cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: bool = False) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("MixtureOfDepths needs cfg.vocab_size; set model.vocab_size or give a tokenizer")
+        self._init_trunk(cfg, attention, grad_checkpointing)
         mod = cfg.mod or MoDConfig()
-        self.config = cfg
-        self.context_length = cfg.context_length
-        self.grad_checkpointing = grad_checkpointing
         self.capacity = mod.capacity
         self.predictor_loss_weight = mod.predictor_loss_weight
         self.routed_layers = [i for i in range(cfg.n_layers) if (i + 1) % mod.every == 0]
         self._gate_mode = "sigmoid"
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.n_layers))
         self.routers = nn.ModuleDict({str(i): nn.Linear(cfg.d_model, 1, bias=False) for i in self.routed_layers})
         self.predictors = nn.ModuleDict({str(i): TokenRouter(cfg.d_model) for i in self.routed_layers})
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     @property
@@ -277,10 +265,9 @@ class MixtureOfDepths(LanguageModel):
         Raises:
             ValueError: ids is not 2-D, targets' shape differs, or the cache has no room.
         """
-        b, t, start = self._begin(ids, targets, cache)
+        b, t = ids.shape[0], ids.shape[-1]
+        x, cos, sin = self._embed(ids, targets, cache)  # (B, T, d), (T, D/2) x 2
         causal = self.decode_mode or cache is not None
-        cos, sin = self.rope(start, t)  # (T, D/2) each
-        x = self.embed(ids)  # (B, T, d)
         ckpt = self._checkpointing(cache)
         stats: dict[str, Tensor] = {}
         bces: list[Tensor] = []
@@ -288,10 +275,7 @@ class MixtureOfDepths(LanguageModel):
         for i, block in enumerate(self.blocks):
             key = str(i)
             if key not in self.routers:
-                if ckpt:
-                    x = checkpoint(block, x, cos, sin, use_reentrant=False)  # (B, T, d)
-                else:
-                    x = block(x, cos, sin, cache)  # (B, T, d)
+                x = self._block(block, x, cos, sin, cache, ckpt)  # (B, T, d)
                 continue
             router, predictor = self.routers[key], self.predictors[key]
             if causal:
@@ -305,10 +289,7 @@ class MixtureOfDepths(LanguageModel):
             bces.append(bce)
             accs.append(acc)
             stats[f"processed_l{i}"] = torch.full((), idx.shape[1] / t, device=ids.device)
-        if cache is not None:
-            cache.advance(t)
-        x = self.norm(x)  # (B, T, d)
-        logits = F.linear(x, self.output_weight)  # (B, T, V)
+        logits = self._logits(x, cache)  # (B, T, V)
         layer_stats = list(stats.values())
         stats["processed"] = torch.stack(layer_stats).mean() if layer_stats else torch.ones((), device=ids.device)
         if accs:
