@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Annotated, Optional
 
 import typer
 
 from tfkit.cli.options import RunArg, require_utf8
-from tfkit.cli.output import info
+from tfkit.cli.output import info, print_json
 
 
 def command(
@@ -22,6 +23,8 @@ def command(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible samples.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")] = "latest",
     stop_at_eot: Annotated[bool, typer.Option("--stop-at-eot/--no-stop-at-eot", help="Stop at the end-of-text token.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document at the end (prompt and input ids, "
+                                                          "generated text and token ids) instead of streaming text.")] = False,
 ) -> None:
     """Generate text from a run, streaming tokens as they are produced (with a KV cache).
 
@@ -57,15 +60,15 @@ def command(
                         "train with `--tokenizer tokenizer.json` to generate text")
     model = loaded.model
     ids = tok.encode(prompt) if prompt else []
-    ids = [tok.eot_id] + ids
+    ids = [tok.bos_id] + ids  # the model's begin-of-text token (tfkit's tokenizers: end-of-text)
     info(f"run {loaded.run_dir.name} ({loaded.checkpoint.name}), {runtime.device}; temperature {temperature}"
          + (f", top-k {top_k}" if top_k else "") + (f", top-p {top_p}" if top_p else ""))
-    out = sys.stdout
+    out = open(os.devnull, "w") if json_out else sys.stdout
     out.write(prompt)
     out.flush()
     generated: list[int] = []
     shown = ""
-    stops = (tok.eot_id,) if stop_at_eot else ()
+    stops = tok.stop_ids if stop_at_eot else ()
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop_ids=stops, device=runtime.device)
     for token in _under(runtime.autocast, tokens):
@@ -81,6 +84,9 @@ def command(
     text = tok.decode(generated)
     out.write(text[len(shown):] + "\n")
     out.flush()
+    if json_out:
+        print_json({"run": loaded.run_dir.name, "checkpoint": loaded.checkpoint.name, "prompt": prompt,
+                    "input_ids": ids, "text": text, "token_ids": generated})
 
 
 def _under(context, items):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -85,6 +87,89 @@ def _byte_decoder() -> dict[str, int]:
 _BYTE_DECODER = _byte_decoder()
 
 
+METASPACE = "\u2581"
+"""SentencePiece's visible space ``▁``."""
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def _is_metaspace(raw_json: str) -> bool:
+    """Whether a tokenizer.json is SentencePiece-style (Metaspace / ``▁`` replacement, byte
+    fallback) rather than byte-level BPE."""
+    spec = json.loads(raw_json)
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("decoder")])
+    return "ByteLevel" not in text and ("Metaspace" in text or METASPACE in text or
+                                        bool((spec.get("model") or {}).get("byte_fallback")))
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """A Hugging Face model's special tokens, as its ``tokenizer_config.json`` and
+    ``generation_config.json`` name them (all empty for tokenizers trained by tfkit).
+
+    Attributes:
+        eos: the end-of-text token string (``eos_token``), e.g. ``<|endoftext|>`` or ``</s>``.
+        bos: the begin-of-text token string (``bos_token``), or None (Qwen has none).
+        stop_ids: ids that end generation (``eos_token_id`` of generation_config.json, an int or a list).
+    """
+
+    eos: Optional[str] = None
+    bos: Optional[str] = None
+    stop_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def beside(cls, tokenizer_json: Path, tok: Any = None) -> "SpecialTokens":
+        """Read the files next to ``tokenizer.json``; missing files or fields are left empty.
+
+        Raises:
+            DataError: one of the files is not valid JSON.
+        """
+        folder = Path(tokenizer_json).parent
+        cfg = _read_json(folder / "tokenizer_config.json")
+        gen = _read_json(folder / "generation_config.json")
+        ids = gen.get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return cls(eos=_token_name(cfg.get("eos_token")), bos=_token_name(cfg.get("bos_token")),
+                   stop_ids=tuple(int(i) for i in ids if isinstance(i, int)))
+
+
+SIDECAR_FILES = ("tokenizer_config.json", "generation_config.json")
+"""Files beside a Hugging Face ``tokenizer.json`` that name its special tokens."""
+
+
+def copy_tokenizer(src: Union[str, os.PathLike], folder: Union[str, os.PathLike]) -> Path:
+    """Copy ``src`` to ``folder/tokenizer.json`` with the :data:`SIDECAR_FILES` beside it, if any.
+
+    Returns:
+        the new tokenizer.json path.
+    """
+    import shutil
+
+    src, folder = Path(src), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, folder / "tokenizer.json")
+    for name in SIDECAR_FILES:
+        if (src.parent / name).is_file():
+            shutil.copyfile(src.parent / name, folder / name)
+    return folder / "tokenizer.json"
+
+
+def _token_name(value: Any) -> Optional[str]:
+    """``"</s>"`` or ``{"content": "</s>", ...}`` (older tokenizer_config.json) -> ``"</s>"``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"`{path}` is not valid JSON ({exc})", "fix or delete the file") from None
+    return data if isinstance(data, dict) else {}
+
+
 def _canonical_hash(raw_json: str) -> str:
     canonical = json.dumps(json.loads(raw_json), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -97,20 +182,32 @@ class Tokenizer:
 
     Attributes:
         vocab_size: number of ids (``max id + 1``), special tokens included.
-        eot_id: id of ``<|endoftext|>``.
+        eot_id: id of the end-of-text token that ends every document: ``<|endoftext|>`` for
+            tokenizers trained here, the model's own ``eos_token`` for an imported one.
+        bos_id: id prepended to a prompt: the model's ``bos_token`` (Llama's ``<s>`` or
+            ``<|begin_of_text|>``), else ``eot_id``.
+        stop_ids: ids that end generation: ``eot_id`` and the ``eos_token_id`` list of a
+            ``generation_config.json`` (Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``).
         hash: sha256 hex of the canonical tokenizer JSON (sorted keys, compact); identical after
             save and load, and written into every token file this tokenizer makes.
     """
 
-    def __init__(self, tok: Any) -> None:
+    def __init__(self, tok: Any, special: Optional["SpecialTokens"] = None) -> None:
         self._tok = tok
         self.vocab_size: int = int(tok.get_vocab_size(with_added_tokens=True))
-        eot = tok.token_to_id(EOT)
+        special = special or SpecialTokens()
+        name = special.eos or EOT
+        eot = tok.token_to_id(name)
         if eot is None:
-            raise DataError(f"the tokenizer has no `{EOT}` token", "train one with `tfkit tokenize FILES… --out tokenizer.json`")
+            raise DataError(f"the tokenizer has no `{name}` token", "train one with `tfkit tokenize FILES… --out tokenizer.json`")
         self.eot_id: int = int(eot)
+        bos = tok.token_to_id(special.bos) if special.bos else None
+        self.bos_id: int = int(bos) if bos is not None else self.eot_id
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eot_id, *special.stop_ids]))
+        self.special = special
         self.hash: str = _canonical_hash(tok.to_str())
         self._byte_lengths: Optional[np.ndarray] = None
+        self._metaspace = _is_metaspace(tok.to_str())
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
@@ -185,6 +282,10 @@ class Tokenizer:
     def load(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
         """Load a ``tokenizer.json``.
 
+        A Hugging Face model's special tokens are read from the ``tokenizer_config.json`` and
+        ``generation_config.json`` beside it when they exist (:class:`SpecialTokens`); otherwise
+        the end-of-text token is ``<|endoftext|>``.
+
         Raises:
             DataError: the file is missing, is a folder, is not a tokenizer JSON, or has no
                 ``<|endoftext|>`` token.
@@ -203,9 +304,11 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception with serde's message
             raise DataError(f"`{path}` is not a valid tokenizer file ({exc})", make) from None
-        if tok.token_to_id(EOT) is None:
-            raise DataError(f"tokenizer `{path}` has no `{EOT}` token", f"tfkit needs an end-of-text token; {make}")
-        return cls(tok)
+        special = SpecialTokens.beside(path, tok)
+        name = special.eos or EOT
+        if tok.token_to_id(name) is None:
+            raise DataError(f"tokenizer `{path}` has no `{name}` token", f"tfkit needs an end-of-text token; {make}")
+        return cls(tok, special)
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write ``tokenizer.json`` atomically (temp file, fsync, rename). Returns the path."""
@@ -255,16 +358,22 @@ class Tokenizer:
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for: int32 array of shape ``(vocab_size,)``.
 
-        0 for special tokens and unused ids; for byte-level tokens the number of characters of the
-        token string (each ByteLevel alphabet character is one byte). Summing it over a token
+        0 for special tokens and unused ids; for byte-level tokens (GPT-2, Llama 3, Qwen) the number
+        of characters of the token string (each ByteLevel alphabet character is one byte); for
+        SentencePiece-style tokens (Llama 2, Mistral) the UTF-8 length with ``▁`` counted as the
+        space it stands for and each byte-fallback token ``<0xNN>`` as one byte. Summing it over a token
         array gives the bytes of text it encodes (for bits per byte).
         """
         if self._byte_lengths is None:
             out = np.zeros(self.vocab_size, dtype=np.int32)
             added = self._tok.get_added_tokens_decoder()
             for token, i in self._tok.get_vocab(with_added_tokens=True).items():
-                if i in added:
+                if self._metaspace and _BYTE_TOKEN.match(token):  # byte fallback "<0x0A>": one byte
+                    out[i] = 1
+                elif i in added:
                     out[i] = 0 if added[i].special else len(token.encode("utf-8"))
+                elif self._metaspace:  # SentencePiece style: "▁" is a space
+                    out[i] = len(token.replace(METASPACE, " ").encode("utf-8"))
                 else:
                     out[i] = len(token)
             out.setflags(write=False)
