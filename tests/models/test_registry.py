@@ -145,3 +145,24 @@ def test_num_params_matches_the_saved_tensors_and_flops_grow_with_context(arch):
     assert model.num_params() == sum(t.numel() for n, t in saved.items() if n not in buffers)
     assert model.num_params(non_embedding=True) == model.num_params() - model.embed.weight.numel()
     assert model.flops_per_token(64) > model.flops_per_token(32)  # the attention term scales with T
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_meta_built_model_with_loaded_weights_equals_the_original(arch):
+    """``build_model(device="meta").materialize()`` + a strict load (how `eval`, `generate` and
+    `export` load a checkpoint, with no random init) gives the same logits and the same cached
+    greedy tokens: the constant buffers (RoPE tables, the Free Transformer's bit table) are rebuilt."""
+    from tfkit.models.layers import RotaryEmbedding
+
+    model = model_for(arch).eval()
+    twin = build_model(cfg_for(arch), device="meta").materialize("cpu").eval()
+    assert all(not t.is_meta for t in [*twin.parameters(), *twin.buffers()])
+    twin.load_state_dict_from_save(model.state_dict_for_save())
+    for a, b in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(a, b)
+    assert isinstance(twin.rope, RotaryEmbedding) and torch.equal(twin.rope.cos, model.rope.cos)
+    ids = rand_ids()
+    with torch.no_grad(), model.decoding(seed=0), twin.decoding(seed=0):
+        assert torch.equal(model(ids).logits, twin(ids).logits)
+    prompt = rand_ids(1, 5)[0].tolist()
+    assert list(generate(model, prompt, 8, temperature=0)) == list(generate(twin, prompt, 8, temperature=0))

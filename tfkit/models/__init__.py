@@ -40,6 +40,7 @@ def build_model(cfg: ModelConfig, attention: str = "sdpa", grad_checkpointing: b
     On an accelerator (``device`` ``cuda``/``mps``) the tensors are created and initialised there
     (a ``torch.device`` context): no host copy of the weights, and the init runs on the device's
     random generator. On the CPU (default) the weights are those of every earlier tfkit version.
+    On ``"meta"`` nothing is allocated: call :meth:`LanguageModel.materialize` and load weights.
 
     Args:
         cfg: the model section of a resolved config; ``vocab_size`` must be set.

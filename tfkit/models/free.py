@@ -184,6 +184,13 @@ class FreeTransformer(LanguageModel):
 
     # -- schedules and decoding state ---------------------------------------------------------
 
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the constant buffers (after :meth:`LanguageModel.materialize`): the bit table
+        and the step-0 KL weight and free bits."""
+        self.bit_table.copy_(make_bit_table(self.latent_bits))
+        self.set_progress(0)
+
     def set_progress(self, step: int, overrides: Mapping[str, float] = {}) -> None:
         """Set the KL weight and free bits for optimizer step ``step`` (in place, no recompiles).
 

@@ -119,6 +119,11 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(pos, inv_freq)  # (max_len, D/2)
         return angles.cos().float(), angles.sin().float()
 
+    def init_buffers(self) -> None:
+        """Recompute the tables in place (after :meth:`LanguageModel.materialize` gave them
+        uninitialised storage)."""
+        self.cos, self.sin = self._tables(self.cos.shape[0], device=self.cos.device)
+
     def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         """cos, sin for positions ``start .. start+length-1``, each (length, D/2) fp32."""
         end = start + length

@@ -19,7 +19,7 @@ import torch
 from tfkit import __version__
 from tfkit.config import RunConfig, count_params, load, padded_vocab
 from tfkit.data.tokenfile import TokenFile
-from tfkit.data.tokenizer import Tokenizer
+from tfkit.data.tokenizer import Tokenizer, copy_tokenizer
 from tfkit.errors import CheckpointError, ConfigError, DataError
 from tfkit.paths import runs_dir
 from tfkit.train import checkpoint as ckpt_mod
@@ -86,8 +86,8 @@ def default_run_name(cfg: RunConfig, preset: Optional[str]) -> str:
     return name
 
 
-def new_run(cfg: RunConfig, name: str, preset: Optional[str] = None) -> Path:
-    """Create ``runs/<name>/`` with the resolved ``config.yaml``, ``tokenizer.json`` and ``run.json``.
+def check_new_run_name(name: str) -> Path:
+    """The folder a new run ``name`` will have, after checking the name is allowed and free.
 
     Raises:
         ConfigError: the name has characters other than letters, digits, ``.``, ``_``, ``-``.
@@ -100,12 +100,23 @@ def new_run(cfg: RunConfig, name: str, preset: Optional[str] = None) -> Path:
     if run_dir.exists():
         raise CheckpointError(f"run `{name}` already exists in `{runs_dir()}`",
                               f"continue it with `tfkit resume {name}`, or choose another `--name`")
+    return run_dir
+
+
+def new_run(cfg: RunConfig, name: str, preset: Optional[str] = None) -> Path:
+    """Create ``runs/<name>/`` with the resolved ``config.yaml``, ``tokenizer.json`` and ``run.json``.
+
+    Raises:
+        ConfigError: the name has characters other than letters, digits, ``.``, ``_``, ``-``.
+        CheckpointError: a run of that name exists already.
+    """
+    run_dir = check_new_run_name(name)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if cfg.data.tokenizer:
-        shutil.copyfile(cfg.data.tokenizer, tmp / "tokenizer.json")
+        copy_tokenizer(cfg.data.tokenizer, tmp)
     runs.write_run_config(tmp, cfg, name)
     runs.write_json_atomic(tmp / "run.json", {
         "name": name, "arch": cfg.model.arch, "params": count_params(cfg.model), "preset": preset,
@@ -169,7 +180,7 @@ def load_run(name_or_path: str, device: str = "cpu", which: str = "latest", atte
     run_dir = runs.resolve_run(name_or_path)
     cfg = load_run_config(run_dir)
     ckpt = ckpt_mod.find_checkpoint(run_dir, which, on_warning=on_warning)
-    model = build_model(cfg.model, attention=attention)
+    model = build_model(cfg.model, attention=attention, device="meta").materialize("cpu")  # no random init
     ckpt_mod.load_weights(model, ckpt, "cpu")
     bad = ckpt_mod.first_non_finite(model)
     if bad is not None:
