@@ -104,8 +104,8 @@ def _root(
 
 
 def _register() -> None:
-    from tfkit.cli import config_cmd, doctor, dummy, eval as eval_cmd, generate, list_models, prepare, resume, split
-    from tfkit.cli import tokenize, train
+    from tfkit.cli import config_cmd, doctor, dummy, eval as eval_cmd, export, generate, import_cmd, list_models
+    from tfkit.cli import prepare, resume, split, tokenize, train
 
     app.command("doctor")(doctor.command)
     app.command("tokenize")(tokenize.command)
@@ -118,6 +118,8 @@ def _register() -> None:
     app.command("eval")(eval_cmd.command)
     app.command("generate")(generate.command)
     app.command("list-models")(list_models.command)
+    app.command("import")(import_cmd.command)
+    app.command("export")(export.command)
 
 
 _register()

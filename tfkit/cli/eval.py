@@ -63,6 +63,10 @@ def command(
         tokens, source = tf.tokens, str(data)
     else:
         d = loaded.cfg.data
+        if not d.train and not d.val:
+            raise DataError(f"run `{loaded.run_dir.name}` has no data of its own (it was imported)",
+                            f"evaluate it on a token file with `--data F.bin` (made by `tfkit prepare … --tokenizer "
+                            f"{loaded.run_dir / 'tokenizer.json'}`) or on raw text with `--text F.txt`")
         if d.val:
             tokens, source = TokenFile.open(d.val).tokens, d.val
         else:

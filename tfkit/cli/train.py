@@ -54,6 +54,20 @@ def _keys_given(config_file: Optional[Path], sets: list[str]) -> set[str]:
     return keys
 
 
+def _init_source(init_from: str, config_file: Optional[Path], sets: list[str], may_import: bool) -> tuple[str, list[str]]:
+    """The ``--init-from`` run (a Hugging Face folder or cached repo id is imported as a run first),
+    and the ``--set`` items that give the new run the source's model shape and tokenizer wherever
+    the config file and ``--set`` do not say otherwise (e.g. ``--set model.arch=dtf``)."""
+    from tfkit.interop.hf_runs import init_source, source_model_sets
+
+    run_dir = init_source(init_from, allow_import=may_import, on_status=info)
+    given = _keys_given(config_file, sets)
+    out = [s for s in source_model_sets(run_dir) if s.split("=", 1)[0] not in given]
+    if "data.tokenizer" not in given and (run_dir / "tokenizer.json").is_file():
+        out.append(f"data.tokenizer={run_dir / 'tokenizer.json'}")
+    return str(run_dir), out
+
+
 def _init_checkpoint(init_from: str, cfg) -> Path:
     """The verified latest checkpoint of the ``--init-from`` run, after checking it shares this run's tokenizer.
 
@@ -130,7 +144,7 @@ def command(
     overrides: SetOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps to train (sets train.max_steps; without --max-time it also lifts the preset's time budget).")] = None,
     max_time: Annotated[Optional[str], typer.Option("--max-time", help="Wall-clock budget such as 90s, 5m, 2h (sets train.max_time).")] = None,
-    init_from: Annotated[Optional[str], typer.Option("--init-from", metavar="RUN", help="Start from another run's latest weights: tensors that match by name and shape are loaded, the rest start fresh (e.g. turn a llama run into a mod run).")] = None,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", metavar="RUN|HF", help="Start from another run's latest weights, or a Hugging Face model folder / cached repo id (imported as a run first): the new run takes its model shape and tokenizer unless --set says otherwise; tensors that match by name and shape are loaded, the rest start fresh (e.g. turn a llama into a dtf model).")] = None,
     nproc_per_node: NprocOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -150,6 +164,8 @@ def command(
 
       tfkit train --preset nano --set model.arch=mod --init-from my-llama-run
 
+      tfkit train --init-from Qwen/Qwen2.5-0.5B --set model.arch=dtf --train-data qwen.bin --set model.context_length=512
+
       tfkit train --preset small --nproc-per-node 8
     """
     import sys
@@ -168,6 +184,9 @@ def command(
             sets.append(f"{key}={value}")
     if max_steps is not None and max_time is None:
         sets.append("train.max_time=")  # an explicit step count replaces a preset's wall-clock budget
+    if init_from:
+        init_from, source_sets = _init_source(init_from, config_file, sets, may_import=world == 1)
+        sets = source_sets + sets
 
     hw = hardware.detect()
     chosen = preset

@@ -590,6 +590,22 @@ def _save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) 
         save_model(model, str(path))
 
 
+def save_weights(run_dir: Path, tensors: dict[str, torch.Tensor], step: int, info: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step-N/`` holding weights alone (kind ``weights``), as ``tfkit import``
+    does for step 0: enough for ``eval``, ``generate``, ``export`` and ``--init-from``, not for
+    ``resume`` (no optimizer state).
+
+    Raises:
+        CheckpointError: the disk is full or not writable.
+    """
+    def write(tmp: Path) -> None:
+        _save_weights(tensors, tmp / "model.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "tfkit_version": __version__,
+                                                    "step": step, **info}))
+
+    return _write_folder(checkpoints_dir(run_dir) / step_dir_name(step), write, "weights", step, next_seq(run_dir))
+
+
 def save_best(run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], step: int, info: dict[str, Any]) -> Path:
     """Write the weights of a new best evaluation to ``checkpoints/best/`` (atomically, replacing the
     previous best only once complete).

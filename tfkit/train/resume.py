@@ -244,7 +244,15 @@ def _pick_checkpoint(run_dir: Path, which: str, on_warning: Callable[[str], None
         else:
             return best, ckpt_mod.load_state(best)
     ckpt = ckpt_mod.find_checkpoint(run_dir, which, on_warning=on_warning)
-    return ckpt, ckpt_mod.load_state(ckpt)
+    state = ckpt_mod.load_state(ckpt)
+    if ckpt_mod.read_manifest(ckpt)["kind"] != "full":  # `tfkit import`'s step 0: weights, no training state
+        source = state.get("imported_from", "another tool")
+        raise CheckpointError(
+            f"run `{run_dir.name}` holds a model imported from `{source}` and has not been trained, so there is "
+            "no training to resume",
+            f"train it on your data with `tfkit train --init-from {run_dir.name} --train-data FILE.bin` "
+            f"(prepare FILE.bin with `tfkit prepare TEXT --tokenizer {run_dir / 'tokenizer.json'}`)")
+    return ckpt, state
 
 
 def _check_budget(run_dir: Path, cfg: RunConfig, state: dict, step: int, max_steps: Optional[int],
