@@ -98,11 +98,14 @@ def test_a_trained_run_round_trips_through_transformers(trained, tmp_path):
         x = torch.tensor([ours.encode((CORPUS / "macbeth.txt").read_text()[:400])[:64]])
         assert (model(x).logits - mine.model(x).logits).abs().max().item() < 1e-4
 
-    # import the export again: the very same tensors as the run's checkpoint
-    assert tfkit(["import", out, "--name", "back"], home).returncode == 0
+    # import the export again, also from shards of at most 100 KB: the very same tensors as the run's
+    sharded = json_out(tfkit(["export", "tiny", "--out", tmp_path / "sharded", "--max-shard-gb", 0.0001, "--json"], home))
+    assert len(sharded["files"]) > 2 and (tmp_path / "sharded/model.safetensors.index.json").is_file()
     a = load_file(str(home / "runs/tiny/checkpoints/step-00000040/model.safetensors"))
-    b = load_file(str(home / "runs/back/checkpoints/step-00000000/model.safetensors"))
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for source, name in ((out, "back"), (tmp_path / "sharded", "back-sharded")):
+        assert tfkit(["import", source, "--name", name], home).returncode == 0
+        b = load_file(str(home / "runs" / name / "checkpoints/step-00000000/model.safetensors"))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_export_options_and_refusals(trained, tmp_path):

@@ -18,7 +18,7 @@ def command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")] = "latest",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32. Default: the dtype the "
                                                                  "checkpoint stores (fp32 for runs trained here).")] = None,
-    max_shard_size: Annotated[float, typer.Option("--max-shard-gb", min=0.001, help="Split the weights into "
+    max_shard_size: Annotated[float, typer.Option("--max-shard-gb", min=1e-6, help="Split the weights into "
                                                   "model-0000x-of-0000y.safetensors files of at most this many GiB.")] = 5.0,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     json_out: JsonOpt = False,
