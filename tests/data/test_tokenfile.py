@@ -197,8 +197,8 @@ def test_bad_header_json_and_fields(tmp_path):
     raw_file(p, good_header(), length=5000)
     with pytest.raises(DataError, match="header length 5000 is out of range"):
         TokenFile.open(p)
-    raw_file(p, good_header(format_version=2), b"\0" * 8)
-    with pytest.raises(DataError, match="unsupported format_version 2"):
+    raw_file(p, good_header(format_version=3), b"\0" * 8)
+    with pytest.raises(DataError, match="unsupported format_version 3 \\(this tfkit reads 1 and 2\\)"):
         TokenFile.open(p)
     h = good_header()
     del h["vocab_size"]

@@ -19,6 +19,18 @@ import numpy as np
 from tfkit.errors import CheckpointError, DataError
 
 
+def _pair(tokens: np.ndarray, idx: np.ndarray, mask: Any = None):
+    """Inputs and targets of windows ``idx`` (B, T+1): x = w[:, :-1], y = w[:, 1:], with y = -1 where
+    ``mask`` says the loss does not count the target. Two (B, T) int64 CPU tensors."""
+    import torch
+
+    windows = np.asarray(tokens[idx]).astype(np.int64)  # (B, T+1)
+    y = np.ascontiguousarray(windows[:, 1:])  # (B, T)
+    if mask is not None:
+        y[~mask.at(idx[:, 1:])] = -1
+    return torch.from_numpy(np.ascontiguousarray(windows[:, :-1])), torch.from_numpy(y)
+
+
 def _check_tokens(tokens: np.ndarray, context_length: int, name: str) -> int:
     if getattr(tokens, "ndim", 1) != 1:
         raise DataError(f"{name} must be a 1-D token array, got shape {tuple(tokens.shape)}", "pass a token file's tokens")
@@ -42,6 +54,8 @@ class BatchLoader:
         context_length: tokens per sequence (T); each window holds T+1 tokens.
         seed: non-negative sampling seed.
         name: how errors name the data (e.g. the file path in backticks).
+        mask: a :class:`~tfkit.data.tokenfile.LossMask` of ``tokens``: targets the loss does not
+            count (the non-assistant tokens of conversations) become -1. None = every target counts.
 
     Batches continue across epoch boundaries without a gap; when there are fewer windows than
     ``batch_size`` a batch simply spans several epochs (windows repeat, still deterministic).
@@ -51,13 +65,14 @@ class BatchLoader:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, context_length: int, seed: int = 0,
-                 name: str = "the training data") -> None:
+                 name: str = "the training data", mask: Any = None) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size {batch_size} must be at least 1", "set `train.batch_size` ≥ 1")
         if seed < 0:
             raise DataError(f"seed {seed} must be non-negative", "set `system.seed` ≥ 0")
         self.n_tokens = _check_tokens(tokens, context_length, name)
         self.tokens = tokens
+        self.mask = mask
         self.batch_size = int(batch_size)
         self.context_length = int(context_length)
         self.seed = int(seed)
@@ -105,18 +120,13 @@ class BatchLoader:
         ``rank``-th of each N consecutive ones (the others are skipped without reading tokens):
         the ranks' batches are disjoint and together are the batches one process would see.
         """
-        import torch
-
         for _ in range(rank):
             self._next_starts()
         starts = self._next_starts()
         for _ in range(world_size - 1 - rank):
             self._next_starts()
         idx = starts[:, None] + np.arange(self.context_length + 1, dtype=np.int64)  # (B, T+1)
-        windows = np.asarray(self.tokens[idx]).astype(np.int64)  # (B, T+1)
-        x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
-        y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
-        return x, y
+        return _pair(self.tokens, idx, self.mask)
 
     def __iter__(self):
         while True:
@@ -201,13 +211,14 @@ class Prefetcher:
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, context_length: int, max_batches: Optional[int] = None,
-                 name: str = "the validation data") -> Iterator[tuple[Any, Any]]:
+                 name: str = "the validation data", mask: Any = None) -> Iterator[tuple[Any, Any]]:
     """Deterministic evaluation batches over non-overlapping windows, in order.
 
     Windows of T+1 tokens start at ``0, T, 2T, …`` and cover ``tokens[: 1 + K·T]`` where
     ``K = (N - 1) // T`` (the last ``< T`` tokens are left out). With ``max_batches`` smaller than
     needed, ``max_batches · batch_size`` windows are picked evenly spread over the whole array.
-    The last batch may hold fewer than ``batch_size`` rows.
+    The last batch may hold fewer than ``batch_size`` rows. With ``mask`` (a
+    :class:`~tfkit.data.tokenfile.LossMask`), targets the loss does not count are -1.
 
     Yields:
         ``(x, y)`` int64 CPU tensors of shape ``(b, T)`` with ``b ≤ batch_size``.
@@ -215,8 +226,6 @@ def eval_batches(tokens: np.ndarray, batch_size: int, context_length: int, max_b
     Raises:
         DataError: fewer than ``context_length + 1`` tokens, or ``batch_size``/``max_batches`` < 1.
     """
-    import torch
-
     if batch_size < 1:
         raise DataError(f"batch_size {batch_size} must be at least 1", "set `train.batch_size` ≥ 1")
     if max_batches is not None and max_batches < 1:
@@ -232,9 +241,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, context_length: int, max_b
     offs = np.arange(t + 1, dtype=np.int64)
     for b in range(0, len(chosen), batch_size):
         idx = chosen[b:b + batch_size, None] * t + offs  # (b, T+1)
-        windows = np.asarray(tokens[idx]).astype(np.int64)
-        yield (torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-               torch.from_numpy(np.ascontiguousarray(windows[:, 1:])))
+        yield _pair(tokens, idx, mask)
 
 
 def count_eval_batches(n_tokens: int, batch_size: int, context_length: int, max_batches: Optional[int] = None) -> int:

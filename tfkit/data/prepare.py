@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -38,11 +38,21 @@ class EncodeStats:
         n_tokens: ids produced, end-of-text ids included.
         n_documents: documents finished (end-of-text ids emitted).
         n_bytes: UTF-8 bytes of text the ids stand for (special tokens count 0).
+        n_conversations: ``messages`` records among the documents.
+        n_loss_tokens: tokens the loss mask counts (assistant turns; every token of plain text).
+        n_without_assistant: conversations with no assistant turn (they train nothing with
+            ``data.loss_on=assistant``).
+        n_skipped, skipped: invalid conversations left out, and the first reasons (``file:line: why``).
     """
 
     n_tokens: int = 0
     n_documents: int = 0
     n_bytes: int = 0
+    n_conversations: int = 0
+    n_loss_tokens: int = 0
+    n_without_assistant: int = 0
+    n_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
 
 
 def _parts(text: str, size: int) -> list[str]:
@@ -61,8 +71,23 @@ def _parts(text: str, size: int) -> list[str]:
     return out
 
 
+def span_mask(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Which tokens lie in ``spans``: a token counts when its first character does.
+
+    Shapes:
+        offsets: n (start, end) character offsets; spans: sorted, disjoint [start, end) -> (n,) bool.
+    """
+    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+    if not spans:
+        return np.zeros(len(offsets), dtype=bool)
+    a = np.array([s for s, _ in spans], dtype=np.int64)
+    b = np.array([e for _, e in spans], dtype=np.int64)
+    k = np.searchsorted(a, starts, side="right") - 1  # the last span starting at or before each token
+    return (k >= 0) & (starts < b[np.maximum(k, 0)])
+
+
 def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Optional[EncodeStats] = None,
-                     batch_chars: int = BATCH_CHARS) -> Iterator[np.ndarray]:
+                     batch_chars: int = BATCH_CHARS, masks: bool = False) -> Iterator[np.ndarray]:
     """Encode documents in batches; yield int64 id arrays with ``eot_id`` after each final piece.
 
     Long texts are encoded in parts of at most :data:`SUB_CHARS` characters cut after newlines
@@ -74,41 +99,58 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
         stats: totals updated as chunks are yielded.
         batch_chars: characters per ``encode_batch`` call.
 
+    With ``masks`` it yields ``(ids, mask)`` pairs instead: for a conversation (a document with
+    :attr:`~tfkit.data.sources.Document.spans`) the mask marks the tokens of its assistant turns
+    (the end-of-text id after it is not marked); every token of plain text is marked.
+
     Yields:
-        1-D ``np.int64`` arrays of ids, in document order.
+        1-D ``np.int64`` arrays of ids, in document order (or ``(ids, bool mask)`` pairs).
     """
     stats = stats if stats is not None else EncodeStats()
     lengths = tokenizer.byte_lengths()
     eot = tokenizer.eot_id
     texts: list[str] = []
     ends: list[bool] = []  # an end-of-text id follows texts[i]
+    spans: list[Optional[tuple]] = []  # assistant spans of texts[i] (conversations)
     size = 0
 
-    def flush() -> np.ndarray:
-        encoded = tokenizer.encode_batch(texts)
+    def flush():
+        encoded = tokenizer.encode_with_offsets(texts) if masks else [(e, None) for e in tokenizer.encode_batch(texts)]
         pieces: list[list[int]] = []
-        for ids, end in zip(encoded, ends):
+        marks: list[np.ndarray] = []
+        for (ids, offsets), end, sp in zip(encoded, ends, spans):
             pieces.append(ids)
+            if masks:
+                marks.append(np.ones(len(ids), dtype=bool) if sp is None else span_mask(offsets, sp))
+                if sp is not None:
+                    stats.n_conversations += 1
+                    stats.n_without_assistant += not sp
             if end:
                 pieces.append([eot])
+                marks.append(np.array([sp is None]))  # a conversation's end-of-text is not trained
                 stats.n_documents += 1
         total = sum(len(p) for p in pieces)
         arr = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=total)
         stats.n_tokens += total
         stats.n_bytes += int(lengths[arr].sum(dtype=np.int64)) if total else 0
-        return arr
+        if not masks:
+            return arr
+        mask = np.concatenate(marks) if marks else np.zeros(0, dtype=bool)
+        stats.n_loss_tokens += int(mask.sum())
+        return arr, mask
 
     for doc in docs:
         if not doc.text and not doc.final:
             continue
-        parts = _parts(doc.text, SUB_CHARS)
+        parts = [doc.text] if doc.spans is not None else _parts(doc.text, SUB_CHARS)  # spans index the whole text
         for k, part in enumerate(parts):
             texts.append(part)
             ends.append(doc.final and k == len(parts) - 1)
+            spans.append(doc.spans)
             size += len(part)
             if size >= batch_chars or len(texts) >= BATCH_DOCS:
                 yield flush()
-                texts, ends, size = [], [], 0
+                texts, ends, spans, size = [], [], [], 0
     if texts:
         yield flush()
 
@@ -143,8 +185,15 @@ def prepare(
     out: Union[str, os.PathLike],
     text_field: Optional[str] = None,
     on_progress: Optional[Callable[[int], None]] = None,
+    stats: Optional[EncodeStats] = None,
+    strict: bool = False,
 ) -> TokenFileHeader:
     """Tokenize text/JSONL files (or folders, globs) into one token file, streaming.
+
+    ``messages`` records are rendered with the tokenizer's own chat template when it has one (an
+    imported model), else in tfkit's format; when there are any, the file gets a loss mask marking
+    their assistant turns (format version 2; :mod:`tfkit.data.chat`). An invalid conversation is
+    skipped and counted in ``stats`` (``strict``: refused).
 
     Args:
         inputs: files, folders or globs (.txt, .jsonl, .json-lines, .ndjson, optionally .gz).
@@ -153,6 +202,8 @@ def prepare(
         text_field: JSONL field holding the text.
         on_progress: called with raw source bytes read since the previous call; the calls sum to
             the inputs' total size on disk.
+        stats: filled with the counts (conversations, loss tokens, skipped records...).
+        strict: refuse an invalid conversation instead of skipping it.
 
     Returns:
         The header written (``n_tokens``; ``n_documents`` = end-of-text ids, a ``<|endoftext|>`` typed
@@ -168,16 +219,26 @@ def prepare(
     if out.resolve() in {f.resolve() for f in files}:
         raise DataError(f"`{out}` is one of the inputs; writing it would destroy the text",
                         "choose another `--out`, e.g. corpus.bin")
-    stats = EncodeStats()
-    docs = iter_documents(files, text_field=text_field, on_progress=on_progress)
+    from tfkit.data.chat import render
+
+    stats = stats if stats is not None else EncodeStats()
+
+    def skip(reason: str) -> None:
+        stats.n_skipped += 1
+        if len(stats.skipped) < 5:
+            stats.skipped.append(reason)
+
+    docs = iter_documents(files, text_field=text_field, on_progress=on_progress,
+                          render=lambda messages: render(messages, tokenizer), on_skip=None if strict else skip)
     return write_token_file(
         out,
-        encode_documents(docs, tokenizer, stats),
+        encode_documents(docs, tokenizer, stats, masks=True),
         vocab_size=tokenizer.vocab_size,
         tokenizer_hash=tokenizer.hash,
         eot_id=tokenizer.eot_id,
         source_fingerprint=fingerprint(files),
         n_bytes=lambda: stats.n_bytes,
+        keep_mask=lambda: stats.n_conversations > 0,  # plain text only: a version-1 file, as before
     )  # n_documents: counted from the EOT ids, so an "<|endoftext|>" typed in the text counts as one
 
 

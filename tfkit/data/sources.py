@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from tfkit.data.tokenizer import render_conversation
 from tfkit.errors import DataError
 
 TEXT_EXTENSIONS = (".txt",)
@@ -42,11 +41,15 @@ class Document:
         text: the text (LF line ends, no BOM).
         source: where it came from: ``path`` for .txt, ``path:line`` for JSONL.
         final: True on the last (or only) piece of a document; an end-of-text token follows it.
+        spans: see below.
     """
 
     text: str
     source: str
     final: bool = True
+    spans: Optional[tuple[tuple[int, int], ...]] = None
+    """For a conversation: the character spans of its assistant turns (:mod:`tfkit.data.chat`);
+    None for plain text (every token counts)."""
 
 
 def _kind(path: Path) -> Optional[str]:
@@ -219,36 +222,48 @@ def _iter_txt(path: Path, piece_chars: int, on_progress: Optional[Callable[[int]
         src.close()
 
 
-def _messages_text(value: Any, where: str) -> str:
+Renderer = Callable[[Any], Any]
+"""Turns a ``messages`` list into text and assistant spans (:func:`tfkit.data.chat.render`)."""
+
+
+def _messages_text(value: Any, where: str, render: Optional[Renderer] = None) -> tuple[str, Optional[tuple]]:
+    from tfkit.data.chat import render_tfkit
+
+    if isinstance(value, list):  # line ends normalised before rendering, so the spans stay exact
+        value = [{**m, "content": m["content"].replace("\r\n", "\n").replace("\r", "\n")}
+                 if isinstance(m, dict) and isinstance(m.get("content"), str) else m for m in value]
     try:
-        return render_conversation(value)
+        r = (render or render_tfkit)(value)
     except DataError as exc:
         raise DataError(f"{where}: {exc.message}", exc.hint) from None
+    return r.text, r.spans
 
 
-def _extract_text(obj: dict[str, Any], text_field: Optional[str], where: str) -> str:
+def _extract_text(obj: dict[str, Any], text_field: Optional[str], where: str,
+                  render: Optional[Renderer] = None) -> tuple[str, Optional[tuple]]:
     if text_field:
         if text_field not in obj:
             keys = ", ".join(f"`{k}`" for k in list(obj)[:12]) or "none"
             raise DataError(f"{where}: no field `{text_field}` (fields: {keys})", "pick one of those with `--text-field`")
         value = obj[text_field]
         if isinstance(value, str):
-            return value
+            return value, None
         if isinstance(value, list):
-            return _messages_text(value, f"{where}: `{text_field}`")
+            return _messages_text(value, f"{where}: `{text_field}`", render)
         raise DataError(f"{where}: field `{text_field}` is {type(value).__name__}, not text",
                         "choose a text field with `--text-field`")
     for key in TEXT_FIELDS:
         if isinstance(obj.get(key), str):
-            return obj[key]
+            return obj[key], None
     if isinstance(obj.get("messages"), list):
-        return _messages_text(obj["messages"], f"{where}: `messages`")
+        return _messages_text(obj["messages"], f"{where}: `messages`", render)
     keys = ", ".join(f"`{k}`" for k in list(obj)[:12]) or "none"
     raise DataError(f"{where}: no text field ({', '.join(TEXT_FIELDS)} or messages) among {keys}",
                     "name the field that holds the text with `--text-field FIELD`")
 
 
-def _iter_jsonl(path: Path, text_field: Optional[str], on_progress: Optional[Callable[[int], None]]) -> Iterator[Document]:
+def _iter_jsonl(path: Path, text_field: Optional[str], on_progress: Optional[Callable[[int], None]],
+                render: Optional[Renderer] = None, on_skip: Optional[Callable[[str], None]] = None) -> Iterator[Document]:
     src = _Source(path, on_progress)
     n_docs = 0
     try:
@@ -279,15 +294,21 @@ def _iter_jsonl(path: Path, text_field: Optional[str], on_progress: Optional[Cal
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}",
                                 "each line of a .jsonl file must be one JSON object, e.g. {\"text\": \"…\"}")
-            text = _extract_text(obj, text_field, where)
-            if "\r" in text:
+            try:
+                text, spans = _extract_text(obj, text_field, where, render)
+            except DataError as exc:
+                if on_skip is None or "messages" not in obj and not isinstance(obj.get(text_field or ""), list):
+                    raise
+                on_skip(exc.message)  # a bad conversation: skipped and counted, unless --strict
+                continue
+            if "\r" in text and spans is None:
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
             if lineno % 1024 == 0:
                 src.report()
             if not text:
                 continue
             n_docs += 1
-            yield Document(text, f"{path}:{lineno}", final=True)
+            yield Document(text, f"{path}:{lineno}", final=True, spans=spans)
         if n_docs == 0:
             raise DataError(f"`{path}` holds no documents with text", "check the file (one JSON object per line)")
     finally:
@@ -299,13 +320,15 @@ def iter_documents(
     text_field: Optional[str] = None,
     on_progress: Optional[Callable[[int], None]] = None,
     piece_chars: Optional[int] = None,
+    render: Optional[Renderer] = None,
+    on_skip: Optional[Callable[[str], None]] = None,
 ) -> Iterator[Document]:
     """Read documents from files (as returned by :func:`expand_inputs`), streaming.
 
     A .txt file yields one document, in pieces of about ``piece_chars`` characters cut after a
     newline (``final`` only on the last). A JSONL line yields one document: the text in
     ``text_field``, or else the first string among ``text, content, message, body, output``, or else
-    a ``messages`` list rendered by :func:`tfkit.data.tokenizer.render_conversation`. Blank lines and
+    a ``messages`` list rendered by ``render`` (tfkit's format by default). Blank lines and
     empty texts are skipped.
 
     Args:
@@ -314,6 +337,10 @@ def iter_documents(
         on_progress: called with the number of raw (on-disk, compressed for .gz) bytes read since
             the previous call; the calls sum to the files' total size.
         piece_chars: piece size for .txt files, in characters (default :data:`PIECE_CHARS`).
+        render: how a ``messages`` list becomes text and assistant spans (default: tfkit's format,
+            :func:`tfkit.data.chat.render_tfkit`); the spans travel in :attr:`Document.spans`.
+        on_skip: called with the reason (naming ``file:line``) for each invalid ``messages`` record,
+            which is then skipped; without it such a record raises.
 
     Raises:
         DataError: invalid UTF-8 (naming the file and byte offset), a NUL byte, a whitespace-only
@@ -327,6 +354,6 @@ def iter_documents(
         if kind == "txt":
             yield from _iter_txt(path, piece, on_progress)
         elif kind == "jsonl":
-            yield from _iter_jsonl(path, text_field, on_progress)
+            yield from _iter_jsonl(path, text_field, on_progress, render, on_skip)
         else:
             raise DataError(f"`{path}` has an unsupported extension", f"tfkit reads {_SUPPORTED}")

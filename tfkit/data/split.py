@@ -110,8 +110,10 @@ def _choose_documents(lengths: np.ndarray, fraction: float, seed: int) -> Option
     return chosen
 
 
-def _runs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, mask: np.ndarray) -> Iterator[np.ndarray]:
-    """Slices of ``tokens`` for the documents where ``mask`` is True, merging neighbours."""
+def _runs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, mask: np.ndarray,
+          tf: Optional[TokenFile] = None) -> Iterator:
+    """Slices of ``tokens`` for the documents where ``mask`` is True, merging neighbours; with a
+    token file ``tf`` that has a loss mask, ``(ids, loss mask)`` pairs, so the mask follows its ids."""
     idx = np.flatnonzero(mask)
     if idx.size == 0:
         return
@@ -121,7 +123,8 @@ def _runs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, mask: np.nda
     for a, b in zip(idx[first], idx[last]):
         lo, hi = int(starts[a]), int(ends[b])
         for s in range(lo, hi, _STEP):
-            yield tokens[s:min(hi, s + _STEP)]
+            e = min(hi, s + _STEP)
+            yield tokens[s:e] if tf is None or not tf.has_mask else (tokens[s:e], tf.loss_mask(s, e))
 
 
 def split_token_file(
@@ -192,19 +195,20 @@ def split_token_file(
     if inside:
         cut = _inside_cut(tokens, f, tokenizer)
         one = np.array([True])
-        train_chunks = _runs(tokens, np.array([0]), np.array([cut]), one)
-        val_chunks = _runs(tokens, np.array([cut]), np.array([n]), one)
+        train_chunks = _runs(tokens, np.array([0]), np.array([cut]), one, tf)
+        val_chunks = _runs(tokens, np.array([cut]), np.array([n]), one, tf)
     else:
-        train_chunks = _runs(tokens, starts, ends, ~val_mask)
-        val_chunks = _runs(tokens, starts, ends, val_mask)
+        train_chunks = _runs(tokens, starts, ends, ~val_mask, tf)
+        val_chunks = _runs(tokens, starts, ends, val_mask, tf)
 
     def write(out: Path, chunks: Iterator[np.ndarray]) -> TokenFileHeader:
         total = {"bytes": 0}
 
-        def counted() -> Iterator[np.ndarray]:
+        def counted() -> Iterator:
             for c in chunks:
                 if lengths_table is not None:
-                    total["bytes"] += int(np.take(lengths_table, c, mode="clip").sum(dtype=np.int64))
+                    ids = c[0] if isinstance(c, tuple) else c
+                    total["bytes"] += int(np.take(lengths_table, ids, mode="clip").sum(dtype=np.int64))
                 yield c
 
         return write_token_file(out, counted(), vocab_size=h.vocab_size, tokenizer_hash=h.tokenizer_hash,

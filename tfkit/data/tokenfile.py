@@ -7,6 +7,9 @@ Layout (all integers little-endian)::
     bytes 12-12+L  the JSON header (see :class:`TokenFileHeader`)
     ...            zero padding up to HEADER_SIZE = 4096 bytes (checked: every byte must be 0)
     4096-          n_tokens ids, each uint16 (vocab_size <= 65536) or uint32
+    then           format_version 2 only: the loss mask, ceil(n_tokens / 8) bytes, bit i (little
+                   bit order: token 8j+k is bit k of byte j) set when token i is one the loss counts
+                   (an assistant turn of a conversation); version 1 files have no mask
 
 Every check raises :class:`tfkit.errors.DataError` (exit code 2) naming the file and the problem,
 with a hint, instead of a bare ``assert`` (Megatron's ``.idx`` reader asserts, which ``python -O``
@@ -33,7 +36,11 @@ MAGIC = b"TFKITTOK"
 HEADER_SIZE = 4096
 """Bytes before the first token (magic + length + JSON + zero padding)."""
 FORMAT_VERSION = 1
-"""The only ``format_version`` this code reads and writes."""
+"""``format_version`` of a file without a loss mask (byte-identical to files of earlier tfkit versions)."""
+MASKED_VERSION = 2
+"""``format_version`` of a file with a loss mask after the ids."""
+FORMAT_VERSIONS = (FORMAT_VERSION, MASKED_VERSION)
+"""The versions this code reads."""
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 """Supported on-disk token dtypes (little-endian)."""
 UINT16_MAX_VOCAB = 65536
@@ -84,6 +91,7 @@ class TokenFileHeader:
         source_fingerprint: sha256 of the source files' names, sizes and mtimes; ``"dummy"``; or
             ``"split:<parent fingerprint>"``.
         n_bytes: UTF-8 bytes of source text these tokens encode (0 = unknown); used for bits per byte.
+        n_loss_tokens: tokens whose loss-mask bit is set (version 2; 0 in version 1, which has no mask).
     """
 
     format_version: int
@@ -95,10 +103,25 @@ class TokenFileHeader:
     n_documents: int
     source_fingerprint: str
     n_bytes: int = 0
+    n_loss_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """The header as a JSON-safe dict (the exact keys written to the file)."""
-        return asdict(self)
+        """The header as a JSON-safe dict (the exact keys written to the file; version 1 headers
+        keep the keys of earlier tfkit versions)."""
+        d = asdict(self)
+        if self.format_version == FORMAT_VERSION:
+            d.pop("n_loss_tokens")
+        return d
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether a loss mask follows the ids (format version 2)."""
+        return self.format_version == MASKED_VERSION
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes of the loss mask after the ids (0 without one)."""
+        return (self.n_tokens + 7) // 8 if self.has_mask else 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "token file") -> "TokenFileHeader":
@@ -113,11 +136,11 @@ class TokenFileHeader:
         if not isinstance(data, dict):
             raise DataError(f"`{where}`: header is not a JSON object", f"the file is corrupt; {_REMAKE}")
         kinds = {"format_version": int, "dtype": str, "n_tokens": int, "vocab_size": int, "tokenizer_hash": str,
-                 "eot_id": int, "n_documents": int, "source_fingerprint": str, "n_bytes": int}
+                 "eot_id": int, "n_documents": int, "source_fingerprint": str, "n_bytes": int, "n_loss_tokens": int}
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in data:
-                if f.name == "n_bytes":
+                if f.name in ("n_bytes", "n_loss_tokens"):
                     values[f.name] = 0
                     continue
                 raise DataError(f"`{where}`: header has no `{f.name}`", f"the file is corrupt; {_REMAKE}")
@@ -128,9 +151,12 @@ class TokenFileHeader:
                                 f"the file is corrupt; {_REMAKE}")
             values[f.name] = v
         h = cls(**values)
-        if h.format_version != FORMAT_VERSION:
-            raise DataError(f"`{where}`: unsupported format_version {h.format_version} (this tfkit reads {FORMAT_VERSION})",
-                            f"upgrade tfkit, or {_REMAKE}")
+        if h.format_version not in FORMAT_VERSIONS:
+            raise DataError(f"`{where}`: unsupported format_version {h.format_version} (this tfkit reads "
+                            f"{' and '.join(map(str, FORMAT_VERSIONS))})", f"upgrade tfkit, or {_REMAKE}")
+        if not 0 <= h.n_loss_tokens <= (h.n_tokens if h.has_mask else 0):
+            raise DataError(f"`{where}`: header n_loss_tokens {h.n_loss_tokens} is out of range for a version "
+                            f"{h.format_version} file of {h.n_tokens} tokens", f"the file is corrupt; {_REMAKE}")
         if h.dtype not in DTYPES:
             raise DataError(f"`{where}`: unsupported dtype {h.dtype!r} (expected uint16 or uint32)", _REMAKE)
         if h.vocab_size < 1:
@@ -202,6 +228,37 @@ def _read_header(path: Path) -> TokenFileHeader:
     return TokenFileHeader.from_dict(data, where=str(path))
 
 
+class LossMask:
+    """A read-only view of a token file's loss mask from token ``base`` on: which tokens the loss
+    counts, looked up by position without unpacking the whole mask (it stays on disk).
+
+    Args:
+        bits: the packed mask (little bit order), usually a memmap.
+        base: the token position of index 0 of this view.
+        length: tokens in the view.
+    """
+
+    def __init__(self, bits: np.ndarray, base: int, length: int) -> None:
+        self.bits, self.base, self.length = bits, int(base), int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def at(self, idx: np.ndarray) -> np.ndarray:
+        """Mask bits at positions ``idx`` (any shape, int) of this view -> bool array of that shape."""
+        pos = np.asarray(idx, dtype=np.int64) + self.base
+        return (np.asarray(self.bits[pos >> 3]) >> (pos & 7).astype(np.uint8)) & 1 == 1
+
+    def slice(self, start: int, end: int) -> "LossMask":
+        """The view of positions ``start .. end-1`` (as ``tokens[start:end]``)."""
+        return LossMask(self.bits, self.base + start, end - start)
+
+    def count(self) -> int:
+        """Tokens of the view the loss counts."""
+        return int(sum(self.at(np.arange(s, min(s + (1 << 22), self.length))).sum()
+                       for s in range(0, self.length, 1 << 22)))
+
+
 class TokenFile:
     """A validated, memory-mapped token file.
 
@@ -213,10 +270,37 @@ class TokenFile:
         tokens: read-only ``np.memmap`` of shape ``(n_tokens,)`` and dtype ``<u2`` or ``<u4``.
     """
 
-    def __init__(self, path: Path, header: TokenFileHeader, tokens: np.ndarray) -> None:
+    def __init__(self, path: Path, header: TokenFileHeader, tokens: np.ndarray,
+                 mask_bits: Optional[np.ndarray] = None) -> None:
         self.path = path
         self.header = header
         self.tokens = tokens
+        self._mask_bits = mask_bits  # (ceil(n_tokens / 8),) uint8, packed little bit order
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the file has a loss mask (conversations prepared by tfkit 0.x with masks)."""
+        return self._mask_bits is not None
+
+    def mask_view(self) -> Optional[LossMask]:
+        """The whole loss mask as a :class:`LossMask` (None without one)."""
+        return None if self._mask_bits is None else LossMask(self._mask_bits, 0, self.header.n_tokens)
+
+    def loss_mask(self, start: int = 0, end: Optional[int] = None) -> Optional[np.ndarray]:
+        """The loss mask of tokens ``start .. end-1`` as a bool array (True = the loss counts the
+        token), or None for a file without a mask (every token counts).
+
+        Shapes:
+            -> (end - start,) bool.
+        """
+        if self._mask_bits is None:
+            return None
+        end = self.header.n_tokens if end is None else end
+        if end <= start:
+            return np.zeros(0, dtype=bool)
+        raw = np.asarray(self._mask_bits[start // 8:(end + 7) // 8])
+        bits = np.unpackbits(raw, bitorder="little").astype(bool)
+        return bits[start % 8:start % 8 + (end - start)]
 
     @classmethod
     def open(cls, path: Union[str, os.PathLike]) -> "TokenFile":
@@ -233,7 +317,10 @@ class TokenFile:
         path = Path(path)
         h = _read_header(path)
         size = path.stat().st_size
-        body = size - HEADER_SIZE
+        body = size - HEADER_SIZE - h.mask_bytes
+        if body < 0:
+            raise DataError(f"`{path}` is truncated: {size} bytes cannot hold its loss mask of {h.mask_bytes} bytes",
+                            f"the file is incomplete; {_REMAKE}")
         if body % h.itemsize:
             raise DataError(f"`{path}`: data size {body} bytes is not a multiple of the {h.dtype} item size "
                             f"{h.itemsize} (dtype mismatch or truncated file)", f"the file is corrupt; {_REMAKE}")
@@ -245,7 +332,11 @@ class TokenFile:
             raise DataError(f"`{path}`: file holds {have} tokens but its header says {h.n_tokens} (trailing bytes)",
                             f"the file is corrupt; {_REMAKE}")
         tokens = np.memmap(path, dtype=DTYPES[h.dtype], mode="r", offset=HEADER_SIZE, shape=(h.n_tokens,))
-        return cls(path, h, tokens)
+        mask = None
+        if h.has_mask:
+            mask = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_SIZE + h.n_tokens * h.itemsize,
+                             shape=(h.mask_bytes,))
+        return cls(path, h, tokens, mask)
 
     def __len__(self) -> int:
         return self.header.n_tokens
@@ -281,6 +372,12 @@ class TokenFile:
         if docs != self.header.n_documents:
             raise DataError(f"`{self.path}`: header says {self.header.n_documents} documents but the data holds {docs} "
                             f"(end-of-text id {eot})", f"the file is corrupt; {_REMAKE}")
+        if self._mask_bits is not None:
+            counted = sum(int(np.unpackbits(np.asarray(self._mask_bits[s:s + chunk])).sum())
+                          for s in range(0, len(self._mask_bits), chunk))  # padding bits are written as 0
+            if counted != self.header.n_loss_tokens:
+                raise DataError(f"`{self.path}`: header says {self.header.n_loss_tokens} loss tokens but the mask "
+                                f"holds {counted}", f"the file is corrupt; {_REMAKE}")
 
     def check_ids(self, vocab_size: Optional[int] = None, chunk: int = 1 << 24) -> None:
         """Check every id is below ``vocab_size`` (default: the header's); the same one scan as :meth:`verify`.
@@ -380,6 +477,40 @@ def count_documents(tokens: np.ndarray, eot_id: int, chunk: int = 1 << 24) -> in
     return count
 
 
+class _BitWriter:
+    """Packs a stream of bools into bytes (little bit order) in a side file, then copies them after
+    the ids: the loss mask of :func:`write_token_file`."""
+
+    def __init__(self) -> None:
+        self.fh = None
+        self.path: Optional[Path] = None
+        self.pending = np.zeros(0, dtype=bool)
+        self.ones = 0
+
+    def open(self, path: Path) -> None:
+        self.path, self.fh = path, open(path, "wb")
+
+    def write(self, mask: np.ndarray) -> None:
+        self.ones += int(np.count_nonzero(mask))
+        allbits = np.concatenate([self.pending, mask])
+        full = allbits.size // 8 * 8
+        self.fh.write(np.packbits(allbits[:full], bitorder="little").tobytes())
+        self.pending = allbits[full:]
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.path.unlink()
+
+    def close_into(self, f) -> None:
+        if self.pending.size:
+            self.fh.write(np.packbits(self.pending, bitorder="little").tobytes())  # zero-padded
+        self.fh.close()
+        with open(self.path, "rb") as src:
+            while block := src.read(1 << 22):
+                f.write(block)
+        self.path.unlink()
+
+
 def write_token_file(
     path: Union[str, os.PathLike],
     chunks: Iterable[np.ndarray],
@@ -389,6 +520,7 @@ def write_token_file(
     source_fingerprint: str,
     n_bytes: Union[int, Callable[[], int]] = 0,
     n_documents: Union[int, Callable[[], int], None] = None,
+    keep_mask: Optional[Callable[[], bool]] = None,
 ) -> TokenFileHeader:
     """Stream token ids into a new token file, atomically.
 
@@ -398,7 +530,9 @@ def write_token_file(
 
     Args:
         path: destination file.
-        chunks: 1-D integer arrays (or lists) of ids, in order.
+        chunks: 1-D integer arrays (or lists) of ids, in order; or ``(ids, mask)`` pairs, ``mask``
+            a bool array as long as ``ids`` (True = the loss counts the token), which makes a
+            version-2 file with a loss mask. Every chunk must then carry one.
         vocab_size: ids must be in ``[0, vocab_size)``; picks uint16 (≤ 65,536) or uint32.
         tokenizer_hash: hash of the tokenizer that made the ids (``"none"`` if none did).
         eot_id: end-of-text id.
@@ -408,6 +542,8 @@ def write_token_file(
             not end with EOT; or the count the caller expects (an int, or a callable evaluated after
             the last chunk), checked against that count so no file is written whose header
             :meth:`TokenFile.verify` would refuse.
+        keep_mask: evaluated after the last chunk; False drops the chunks' masks and writes a
+            version-1 file (e.g. when no conversation was among the documents).
 
     Returns:
         The header written.
@@ -424,17 +560,32 @@ def write_token_file(
     if not 0 <= eot_id < vocab_size:
         raise DataError(f"eot_id {eot_id} is outside the vocabulary (vocab_size {vocab_size})", "check the tokenizer")
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp_mask = path.with_name(f"{path.name}.mask-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     n_tokens = 0
     eots = 0
     last = -1
+    masked: Optional[bool] = None  # decided by the first chunk
+    bits = _BitWriter()
     try:
         with open(tmp, "wb") as f:
             f.write(b"\0" * HEADER_SIZE)
             for chunk in chunks:
+                mask = None
+                if isinstance(chunk, tuple):
+                    chunk, mask = chunk
                 arr = np.asarray(chunk)
                 if arr.size == 0:
                     continue
+                if masked is None:
+                    masked = mask is not None
+                    if masked:
+                        bits.open(tmp_mask)
+                if masked != (mask is not None) or (mask is not None and np.asarray(mask).size != arr.size):
+                    raise DataError(f"writing `{path}`: every chunk needs a loss mask as long as its ids, or none does",
+                                    "this is a bug in the caller; please report it")
+                if mask is not None:
+                    bits.write(np.asarray(mask, dtype=bool).reshape(-1))
                 if arr.ndim != 1:
                     arr = arr.reshape(-1)
                 if arr.dtype.kind not in "iu":
@@ -458,11 +609,16 @@ def write_token_file(
                     raise DataError(f"writing `{path}`: {expected} documents expected but the ids hold {docs} "
                                     f"(end-of-text id {eot_id})", "this is a bug in the caller; please report it")
             nb = int(n_bytes() if callable(n_bytes) else n_bytes)
+            if masked and keep_mask is not None and not keep_mask():
+                masked = False
+                bits.discard()
             header = TokenFileHeader(
-                format_version=FORMAT_VERSION, dtype=dtype_name, n_tokens=n_tokens, vocab_size=int(vocab_size),
-                tokenizer_hash=str(tokenizer_hash), eot_id=int(eot_id), n_documents=docs,
-                source_fingerprint=str(source_fingerprint), n_bytes=nb,
+                format_version=MASKED_VERSION if masked else FORMAT_VERSION, dtype=dtype_name, n_tokens=n_tokens,
+                vocab_size=int(vocab_size), tokenizer_hash=str(tokenizer_hash), eot_id=int(eot_id), n_documents=docs,
+                source_fingerprint=str(source_fingerprint), n_bytes=nb, n_loss_tokens=bits.ones if masked else 0,
             )
+            if masked:
+                bits.close_into(f)  # after the ids
             TokenFileHeader.from_dict(header.to_dict(), where=str(path))  # never write what open refuses
             raw = json.dumps(header.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8")
             if _PREFIX.size + len(raw) > HEADER_SIZE:
@@ -474,10 +630,11 @@ def write_token_file(
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        for t in (tmp, tmp_mask):
+            try:
+                t.unlink()
+            except FileNotFoundError:
+                pass
         if isinstance(exc, OSError) and not exc.filename and exc.errno:
             raise OSError(exc.errno, f"{exc.strerror or exc} writing", str(path)) from exc
         raise

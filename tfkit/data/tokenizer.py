@@ -110,11 +110,13 @@ class SpecialTokens:
         eos: the end-of-text token string (``eos_token``), e.g. ``<|endoftext|>`` or ``</s>``.
         bos: the begin-of-text token string (``bos_token``), or None (Qwen has none).
         stop_ids: ids that end generation (``eos_token_id`` of generation_config.json, an int or a list).
+        chat_template: the Jinja ``chat_template`` (the ``default`` one of a list), or None.
     """
 
     eos: Optional[str] = None
     bos: Optional[str] = None
     stop_ids: tuple[int, ...] = ()
+    chat_template: Optional[str] = None
 
     @classmethod
     def beside(cls, tokenizer_json: Path, tok: Any = None) -> "SpecialTokens":
@@ -128,8 +130,13 @@ class SpecialTokens:
         gen = _read_json(folder / "generation_config.json")
         ids = gen.get("eos_token_id")
         ids = [ids] if isinstance(ids, int) else list(ids or [])
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
         return cls(eos=_token_name(cfg.get("eos_token")), bos=_token_name(cfg.get("bos_token")),
-                   stop_ids=tuple(int(i) for i in ids if isinstance(i, int)))
+                   stop_ids=tuple(int(i) for i in ids if isinstance(i, int)),
+                   chat_template=template if isinstance(template, str) and template else None)
 
 
 SIDECAR_FILES = ("tokenizer_config.json", "generation_config.json")
@@ -330,6 +337,12 @@ class Tokenizer:
         fast = getattr(self._tok, "encode_batch_fast", None)
         encs = (fast or self._tok.encode_batch)(list(texts), add_special_tokens=False)
         return [e.ids for e in encs]
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Ids of each text with each token's character span ``(start, end)`` in it (for the loss
+        masks of conversations: a token belongs to the span its first character lies in)."""
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` (special tokens kept as their strings). Accepts lists, numpy arrays, tensors."""
