@@ -272,6 +272,10 @@ class DataConfig(_Section):
         0.05, gt=0, lt=1, description="Share of train tokens held out for validation when no val file is given."
     )
     default_vocab_size: int = Field(4096, ge=300, description="Vocab size of the tokenizer trained for the bundled corpus.")
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Tokens the loss counts in conversation data (`messages` records): assistant = the "
+        "assistant turns only (torchtune's train_on_assistant); all = every token. Plain text always counts every token."
+    )
 
 
 class OptimConfig(_Section):

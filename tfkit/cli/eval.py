@@ -53,14 +53,15 @@ def command(
                             "evaluate a prepared token file with `--data`")
         from tfkit.data.prepare import tokenize_temporary
 
-        tokens, source = tokenize_temporary([str(text)], tok).tokens, str(text)  # a memmap, not a list of chunks
+        tf = tokenize_temporary([str(text)], tok)
+        tokens, source, mask = tf.tokens, str(text), tf.mask_view()  # a memmap, not a list of chunks
     elif data is not None:
         tf = TokenFile.open(data)
         if tok is not None and tf.header.tokenizer_hash not in ("none", "") and tf.header.tokenizer_hash != tok.hash:
             raise DataError(f"`{data}` was made by a different tokenizer than run `{loaded.run_dir.name}`",
                             f"prepare it with `tfkit prepare … --tokenizer {loaded.run_dir / 'tokenizer.json'}`")
         tf.check_ids(vocab)
-        tokens, source = tf.tokens, str(data)
+        tokens, source, mask = tf.tokens, str(data), tf.mask_view()
     else:
         d = loaded.cfg.data
         if not d.train and not d.val:
@@ -68,11 +69,18 @@ def command(
                             f"evaluate it on a token file with `--data F.bin` (made by `tfkit prepare … --tokenizer "
                             f"{loaded.run_dir / 'tokenizer.json'}`) or on raw text with `--text F.txt`")
         if d.val:
-            tokens, source = TokenFile.open(d.val).tokens, d.val
+            tf = TokenFile.open(d.val)
+            tokens, source, mask = tf.tokens, d.val, tf.mask_view()
         else:
-            tokens, source = hold_out(TokenFile.open(d.train).tokens, d.val_fraction)[1], f"{d.train} (held-out end)"
+            tf = TokenFile.open(d.train)
+            train, tokens = hold_out(tf.tokens, d.val_fraction)
+            mask = tf.mask_view()
+            mask = mask.slice(len(train), len(mask)) if mask is not None else None
+            source = f"{d.train} (held-out end)"
+    loss_on = loaded.cfg.data.loss_on if mask is not None else "all"
     ctx = loaded.cfg.model.context_length
-    batches = eval_batches(tokens, batch_size or loaded.cfg.train.batch_size, ctx, max_batches=max_batches)
+    batches = eval_batches(tokens, batch_size or loaded.cfg.train.batch_size, ctx, max_batches=max_batches,
+                           mask=mask if loss_on == "assistant" else None)
     byte_lengths = torch.from_numpy(tok.byte_lengths().astype("int64")) if tok is not None else None
     r = evaluate(model, batches, runtime, byte_lengths)
     if not math.isfinite(r["loss"]):  # finite weights, yet NaN/Inf: an overflow at this precision
@@ -83,11 +91,11 @@ def command(
                          "evaluate an earlier `--checkpoint STEP`; in bf16/fp16 an activation overflow does this")
     result = {"run": loaded.run_dir.name, "checkpoint": loaded.checkpoint.name, "step": loaded.step, "data": source,
               "loss": r["loss"], "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
-              "tokens": r["tokens"], "bytes": r["bytes"], "parts": r["parts"], "stats": r["stats"]}
+              "tokens": r["tokens"], "loss_on": loss_on, "bytes": r["bytes"], "parts": r["parts"], "stats": r["stats"]}
     bpb = f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a (no tokenizer)"
     info(f"run {result['run']} ({result['checkpoint']}) on {source}")
     info(f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | bits per byte {bpb} | "
-         f"{r['tokens']:,} tokens")
+         f"{r['tokens']:,} tokens" + (" (assistant turns only)" if loss_on == "assistant" else ""))
     for k, v in {**r["parts"], **r["stats"]}.items():
         if k != "ce":
             info(f"{k} {v:.4g}")

@@ -33,17 +33,21 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     log-softmax and their gradients exist for one chunk only instead of the whole batch (the logits
     themselves stay in the compute dtype).
 
+    A batch whose targets are all -1 (a window of conversation data with no assistant token) gives 0
+    with zero gradients, not NaN.
+
     Shapes:
-        logits (B, T, V), targets (B, T) int64 -> scalar (NaN when every target is -1).
+        logits (B, T, V), targets (B, T) int64 -> scalar.
     """
     flat, tgt = logits.flatten(0, 1), targets.flatten()  # (B*T, V), (B*T,)
+    count = (tgt != -1).sum().clamp(min=1)  # () int64
     if flat.numel() <= CE_CHUNK_ELEMENTS or not torch.is_grad_enabled():
-        return F.cross_entropy(flat.float(), tgt, ignore_index=-1)
+        return F.cross_entropy(flat.float(), tgt, ignore_index=-1, reduction="sum") / count
     rows = max(1, CE_CHUNK_ELEMENTS // flat.shape[1])
     total = flat.new_zeros((), dtype=torch.float32)
     for i in range(0, flat.shape[0], rows):
         total = total + torch.utils.checkpoint.checkpoint(_ce_sum, flat[i:i + rows], tgt[i:i + rows], use_reentrant=False)
-    return total / (tgt != -1).sum()
+    return total / count
 
 
 def _ce_sum(logits: Tensor, targets: Tensor) -> Tensor:

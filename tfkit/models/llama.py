@@ -50,7 +50,7 @@ class Llama(LanguageModel):
         """Logits for ids (B, T) int64 -> ModelOutput(logits (B, T, V), loss, parts={"ce"}).
 
         ``loss`` = mean cross-entropy in nats/token over targets != -1, computed in fp32 from the
-        logits (NaN when every target is -1). With a cache, positions start at ``cache.length``
+        logits (0 when every target is -1). With a cache, positions start at ``cache.length``
         and the cache grows by T. Positions past ``context_length`` extrapolate RoPE.
 
         Raises:

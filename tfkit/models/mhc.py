@@ -297,7 +297,7 @@ class HyperConnectionTransformer(LanguageModel):
         """Logits for ids (B, T) int64 -> ModelOutput(logits (B, T, V), loss, parts={"ce"}, stats).
 
         ``loss`` = mean cross-entropy in nats/token over targets != -1, computed in fp32 from the
-        logits (NaN when every target is -1). ``stats`` (``amax_fwd``, ``amax_bwd``,
+        logits (0 when every target is -1). ``stats`` (``amax_fwd``, ``amax_bwd``,
         ``h_res_diag``) whenever mHC is enabled. With a cache, positions start at
         ``cache.length`` and the cache grows by T. ``decode_mode`` changes nothing (the model is
         causal anyway).

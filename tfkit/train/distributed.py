@@ -97,6 +97,16 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return [int(v) for v in t.tolist()]
 
+    def sum_ints(self, *values: int) -> list[int]:
+        """The sum of each integer over all ranks (CPU, control group)."""
+        if not self.enabled:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._control)
+        return [int(v) for v in t.tolist()]
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (a picklable Python object; control group)."""
         if not self.enabled:

@@ -171,7 +171,22 @@ def out_of_memory_advice(cfg: RunConfig, device: str, step: int, run_name: str) 
                          "or start over with `tfkit train ... --set ...`")
 
 
-def _open_data(cfg: RunConfig, vocab_size: int):
+@dataclass
+class _Data:
+    """The token arrays of a run, with their loss masks when the loss counts only the assistant
+    turns of conversation data (``data.loss_on=assistant`` and a token file with a mask)."""
+
+    train: Any
+    val: Any
+    train_mask: Any = None
+    val_mask: Any = None
+
+    @property
+    def masked(self) -> bool:
+        return self.train_mask is not None
+
+
+def _open_data(cfg: RunConfig, vocab_size: int) -> _Data:
     train_file = TokenFile.open(cfg.data.train)
     if train_file.header.vocab_size > vocab_size:
         raise DataError(f"`{cfg.data.train}` was made with vocab_size {train_file.header.vocab_size}, "
@@ -184,8 +199,20 @@ def _open_data(cfg: RunConfig, vocab_size: int):
         if val_file.header.tokenizer_hash != train_file.header.tokenizer_hash:
             raise DataError(f"`{cfg.data.val}` and `{cfg.data.train}` were made by different tokenizers",
                             "prepare both with the same tokenizer.json")
-        return train_file.tokens, val_file.tokens
-    return hold_out(train_file.tokens, cfg.data.val_fraction)
+        if not masked(cfg, train_file):
+            return _Data(train_file.tokens, val_file.tokens)
+        return _Data(train_file.tokens, val_file.tokens, train_file.mask_view(), val_file.mask_view())
+    train, val = hold_out(train_file.tokens, cfg.data.val_fraction)
+    if not masked(cfg, train_file):
+        return _Data(train, val)
+    mask = train_file.mask_view()
+    return _Data(train, val, mask.slice(0, len(train)), mask.slice(len(train), len(mask)))
+
+
+def masked(cfg: RunConfig, train_file: TokenFile) -> bool:
+    """Whether the loss counts only marked tokens: ``data.loss_on=assistant`` and a training file
+    with a loss mask (conversations). A validation file without one then counts every token."""
+    return cfg.data.loss_on == "assistant" and train_file.has_mask
 
 
 def _byte_lengths(run_dir: Path) -> Optional[torch.Tensor]:
@@ -226,8 +253,8 @@ class _Curriculum:
     """
 
     def __init__(self, cfg: RunConfig, tokens, rank: int = 0, world_size: int = 1, prefetch: bool = False,
-                 pin: bool = False) -> None:
-        self.cfg, self.tokens = cfg, tokens
+                 pin: bool = False, mask: Any = None) -> None:
+        self.cfg, self.tokens, self.mask = cfg, tokens, mask
         self.rank, self.world_size, self.prefetch, self.pin = rank, world_size, prefetch, pin
         self.index: Optional[int] = None
         self.loader: Optional[BatchLoader] = None
@@ -244,7 +271,8 @@ class _Curriculum:
         self.index, self.context_length = index, t
         self.overrides = phase.model_overrides() if phase else {}
         self.close()
-        self.loader = BatchLoader(self.tokens, self.cfg.train.batch_size, t, seed=self.cfg.system.seed + index + 1)
+        self.loader = BatchLoader(self.tokens, self.cfg.train.batch_size, t, seed=self.cfg.system.seed + index + 1,
+                                  mask=self.mask)
         if self.prefetch:  # an accelerator: draw the next batch while the device runs this one
             self.feed = Prefetcher(self.loader, self.rank, self.world_size, pin=self.pin)
         return True
@@ -404,7 +432,8 @@ class _Trainer:
         cfg, m, device, job = self.cfg, self.cfg.model, self.device, self.job
         self.configured = self.rt.configure()
         torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
-        train_tokens, self.val_tokens = _open_data(cfg, m.vocab_size)
+        self.data = data = _open_data(cfg, m.vocab_size)
+        train_tokens, self.val_tokens = data.train, data.val
         if len(self.val_tokens) < m.context_length + 1:
             raise DataError(f"validation data has {len(self.val_tokens)} tokens, fewer than context_length+1 = "
                             f"{m.context_length + 1}", "give more validation data (`--val-data`), or lower `model.context_length`")
@@ -424,7 +453,7 @@ class _Trainer:
         self.scaler = distributed.grad_scaler(self.rt, self.mode)
         self.accum = distributed.accum_per_rank(cfg.train.grad_accum_steps, self.dist.world_size)
         self.phases = _Curriculum(cfg, train_tokens, self.dist.rank, self.dist.world_size,
-                                  prefetch=prefetches(self.rt), pin=self.rt.device_type == "cuda")
+                                  prefetch=prefetches(self.rt), pin=self.rt.device_type == "cuda", mask=data.train_mask)
         self.phases.at(0)
         self.fingerprints = job.fingerprints or (runs.data_fingerprints(cfg, self.run_dir) if self.main else None)
 
@@ -602,13 +631,14 @@ class _Trainer:
         loss_acc = torch.zeros((), device=device)
         parts_acc: dict[str, torch.Tensor] = {}
         stats_acc: dict[str, torch.Tensor] = {}
-        for i in range(n):
-            x, y = phases.next_batch()
+        batches = [phases.next_batch() for _ in range(n)]
+        weights, counted = self.micro_weights(batches)
+        for i, (x, y) in enumerate(batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with distributed.accumulating(self.wrapped, self.mode, last=i == n - 1):
                 with self.rt.autocast:
                     out = self.step_model(x, targets=y)
-                loss = out.loss / n
+                loss = out.loss / n if weights is None else out.loss * weights[i]
                 self.scaler.scale(loss).backward()
             loss_acc += loss.detach().float()
             for k, v in out.parts.items():
@@ -624,10 +654,32 @@ class _Trainer:
         state.step += 1
         state.tokens_seen += self.tokens_per_step
         faults.hit("step.end", state.step)
+        if counted is not None:  # targets the loss counted on all ranks (the same on each)
+            stats_acc["loss_tokens"] = torch.tensor(float(counted), device=device)
         row = torch.stack([loss_acc, grad_norm.float().to(device), *parts_acc.values(), *stats_acc.values()])
         self.pending.append((state.step, lr, list(parts_acc), list(stats_acc), row))
         start, tokens, steps = self.window
         self.window = (start, tokens + self.tokens_per_step, steps + 1)
+
+    def micro_weights(self, batches: list) -> tuple[Optional[list[float]], Optional[int]]:
+        """The factor of each micro-batch's mean loss in the step's loss, and the targets counted.
+
+        Without a loss mask every micro-batch holds B*T targets: ``1/n`` each (the mean of means).
+        With one (conversations, ``data.loss_on=assistant``) micro-batch i holds c_i counted targets,
+        and the step's loss is the sum of all counted targets' losses over their number C on all
+        ranks: ``c_i * N / C`` (DDP/FSDP average gradients over the N ranks). A step with no counted
+        target anywhere gets zero weights: no NaN. The counts are read on the host before the
+        batches go to the device (one small all-reduce over the control group with N > 1).
+
+        Returns:
+            (weights, C); (None, None) without a mask (the loop divides by n, as it always has).
+        """
+        if not self.data.masked:
+            return None, None
+        counts = [int((y >= 0).sum()) for _, y in batches]
+        total = self.dist.sum_ints(sum(counts))[0]
+        world = self.dist.world_size
+        return [c * world / total if total else 0.0 for c in counts], total
 
     def read_back(self) -> list[tuple[int, float, float, float, dict, dict]]:
         """Bring the pending steps' figures to the host in one transfer (averaged over ranks), and
@@ -728,7 +780,8 @@ class _Trainer:
         """This rank's share of the validation batches, as ``(x, y, counted)``: every rank runs the
         same number of forwards (FSDP2 all-gathers in each), padding with an uncounted one."""
         t, m, n, r = self.cfg.train, self.cfg.model, self.dist.world_size, self.dist.rank
-        batches = eval_batches(self.val_tokens, t.batch_size, m.context_length, max_batches=t.eval_steps)
+        batches = eval_batches(self.val_tokens, t.batch_size, m.context_length, max_batches=t.eval_steps,
+                               mask=self.data.val_mask)
         if n == 1:
             for x, y in batches:
                 yield x, y, True
