@@ -104,7 +104,7 @@ def _root(
 
 
 def _register() -> None:
-    from tfkit.cli import config_cmd, doctor, dummy, eval as eval_cmd, export, generate, import_cmd, list_models
+    from tfkit.cli import chat, config_cmd, doctor, dummy, eval as eval_cmd, export, generate, import_cmd, list_models
     from tfkit.cli import prepare, resume, split, tokenize, train
 
     app.command("doctor")(doctor.command)
@@ -117,6 +117,7 @@ def _register() -> None:
     app.command("resume")(resume.command)
     app.command("eval")(eval_cmd.command)
     app.command("generate")(generate.command)
+    app.command("chat")(chat.command)
     app.command("list-models")(list_models.command)
     app.command("import")(import_cmd.command)
     app.command("export")(export.command)

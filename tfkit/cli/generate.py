@@ -22,7 +22,9 @@ def command(
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: smallest set of tokens with probability >= p.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible samples.")] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")] = "latest",
-    stop_at_eot: Annotated[bool, typer.Option("--stop-at-eot/--no-stop-at-eot", help="Stop at the end-of-text token.")] = True,
+    stop_at_eot: Annotated[bool, typer.Option("--stop-at-eot/--no-stop-at-eot", " /--ignore-eos",
+                                              help="Stop at the end-of-text and end-of-turn tokens "
+                                                   "(--ignore-eos: generate all --max-new-tokens).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document at the end (prompt and input ids, "
                                                           "generated text and token ids) instead of streaming text.")] = False,
 ) -> None:
@@ -68,7 +70,8 @@ def command(
     out.flush()
     generated: list[int] = []
     shown = ""
-    stops = tok.stop_ids if stop_at_eot else ()
+    end_of_turn = tok.token_to_id("<|end|>")  # tfkit's chat format; imported models list theirs in stop_ids
+    stops = (tok.stop_ids + ((end_of_turn,) if end_of_turn is not None else ())) if stop_at_eot else ()
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop_ids=stops, device=runtime.device)
     for token in _under(runtime.autocast, tokens):
