@@ -203,3 +203,30 @@ def test_split_carries_the_loss_mask_with_its_documents(tok, tmp_path):
     assert sum(p.header.n_loss_tokens for p in parts) == whole.header.n_loss_tokens
     answers = sorted(x for p in parts for x in _marked(tok, p, 0, len(p)))
     assert answers == sorted(f"{i} plus {i + 1} is {2 * i + 1}.<|end|>" for i in range(30))
+
+
+def test_conversations_longer_than_the_context_are_skipped_by_name_or_refused(tok, tmp_path):
+    src = _chats(tmp_path / "c.jsonl", 3)
+    long = [{"role": "user", "content": "What is " + " plus ".join(map(str, range(40))) + "?"},
+            {"role": "assistant", "content": "780."}]
+    with open(src, "a") as f:
+        f.write(json.dumps({"messages": long}) + "\n")
+    stats = EncodeStats()
+    prepare([src], tok, tmp_path / "c.bin", stats=stats, context_length=64)
+    assert stats.n_conversations == 3 and stats.n_skipped == 1
+    assert stats.skipped[0].startswith(f"`{src}:4`: a conversation of ") and "longer than the context (64" in stats.skipped[0]
+    with pytest.raises(DataError, match=f"{src.name}:4"):
+        prepare([src], tok, tmp_path / "s.bin", context_length=64, strict=True)
+    with pytest.raises(DataError, match="every conversation was skipped \\(4\\)"):
+        prepare([src], tok, tmp_path / "s.bin", context_length=5)
+
+
+def test_tokenize_encode_shows_a_conversation_as_rendered_with_the_counted_tokens(tok, tmp_path):
+    tok.save(tmp_path / "tok.json")
+    convo = json.dumps([{"role": "user", "content": "Hail"}, {"role": "assistant", "content": "All hail"}])
+    r = subprocess.run([sys.executable, "-m", "tfkit", "tokenize", "--tokenizer", tmp_path / "tok.json", "--encode", convo,
+                        "--json"], capture_output=True, text=True, env={**os.environ, "TFKIT_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text"] == "<|user|>\nHail<|end|>\n<|assistant|>\nAll hail<|end|>\n"
+    assert "".join(t["text"] for t in out["tokens"] if t["loss"]) == "All hail<|end|>" and out["loss_tokens"] >= 2

@@ -188,3 +188,28 @@ def test_an_imported_run_says_what_to_do_where_it_has_no_data_or_training_state(
     assert r.returncode == 3 and "has not been trained" in r.stderr and "tfkit train --init-from q" in r.stderr
     listed = json_out(tfkit(["list-models", "--json"], tfkit_home))
     assert [(m["name"], m["status"], m["step"]) for m in listed] == [("q", "imported", 0)]
+
+
+def test_chat_with_an_imported_model_uses_its_own_template(hf_models, tmp_path, tfkit_home):
+    """The model's Jinja chat_template renders the prompt (no begin token of tfkit's added) and its
+    end-of-turn token is a stop token."""
+    folder = shutil.copytree(hf_models["qwen2"], tmp_path / "q")
+    template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}"
+                "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))  # <|im_end|>, <|endoftext|>
+    import_run(str(folder), name="qc")
+
+    from tfkit.cli.chat import Chat
+    from tfkit.train.setup import run_runtime
+
+    runtime = run_runtime("qc")
+    chat = Chat(load_run("qc"), runtime, "Be brief.", dict(max_new_tokens=8, temperature=0.0, top_k=None, top_p=None,
+                                                            seed=0))
+    chat.messages.append({"role": "user", "content": "Hail"})
+    tok = chat.tok
+    want = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHail<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.prompt_ids() == tok.encode(want) and tok.token_to_id("<|im_end|>") in chat.stops
+    r = json_out(tfkit(["chat", "qc", "--message", "Hail", "--temperature", 0, "-n", 8, "--json"], tfkit_home))
+    assert r["stopped"] in ("end_of_turn", "max_new_tokens") and r["tokens"] <= 8

@@ -32,6 +32,9 @@ def command(
                                                       metavar="FIELD")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse an invalid conversation (unknown role, content "
                                                           "that is not text) instead of skipping and counting it.")] = False,
+    context_length: Annotated[Optional[int], typer.Option("--context-length", min=2, help="Skip (count and name) "
+                                                          "conversations longer than this many tokens, the model's "
+                                                          "context; --strict refuses them.")] = None,
     show: Annotated[int, typer.Option("--show", min=0, help="Print the first N documents as encoded, the tokens "
                                                             "the loss counts in [brackets] (conversations).",
                                       metavar="N")] = 0,
@@ -60,7 +63,8 @@ def command(
     start = time.perf_counter()
     stats = EncodeStats()
     with progress_bar(f"encoding {len(paths)} file(s)", total) as advance:
-        h = prepare(paths, tok, out, text_field=text_field, on_progress=advance, stats=stats, strict=strict)
+        h = prepare(paths, tok, out, text_field=text_field, on_progress=advance, stats=stats, strict=strict,
+                    context_length=context_length)
     seconds = time.perf_counter() - start
     text_tokens = h.n_tokens - h.n_documents
     bpt = h.n_bytes / text_tokens if text_tokens else 0.0
@@ -83,7 +87,7 @@ def command(
     if stats.n_skipped:
         from tfkit.cli.output import warn
 
-        warn(f"skipped {stats.n_skipped:,} invalid conversation(s) (`--strict` refuses them instead): "
+        warn(f"skipped {stats.n_skipped:,} conversation(s) (`--strict` refuses them instead): "
              + "; ".join(stats.skipped[:3]))
     info("next: " + _code(f"tfkit split {out} --val-fraction 0.1"))
 

@@ -61,13 +61,29 @@ def _inspect(tok, path: Path, encode: Optional[str], json_out: bool) -> None:
             info(f"  {i:>6}  {_code(t)}")
         info("encode text with " + _code(f'tfkit tokenize --tokenizer {path} --encode "some text"'))
         return
-    ids = tok.encode(encode)
+    messages = _messages(encode)
+    mask = None
+    if messages is not None:  # a conversation: render it as `prepare` does and show what the loss counts
+        from tfkit.data.chat import render
+        from tfkit.data.prepare import span_mask
+
+        rendered = render(messages, tok)
+        encode = rendered.text
+        (ids, offsets), = tok.encode_with_offsets([encode])
+        mask = span_mask(offsets, rendered.spans)
+    else:
+        ids = tok.encode(encode)
     lengths = tok.byte_lengths()
     rows = [{"id": int(i), "text": tok.decode([i]), "token": tok.id_to_token(i), "bytes": int(lengths[i])} for i in ids]
+    if mask is not None:
+        for r, m in zip(rows, mask):
+            r["loss"] = bool(m)
     n_bytes = len(encode.encode("utf-8"))
     result = {"text": encode, "n_tokens": len(ids), "n_bytes": n_bytes,
               "bytes_per_token": round(n_bytes / len(ids), 4) if ids else 0.0, "ids": [int(i) for i in ids],
               "tokens": rows}
+    if mask is not None:
+        result["loss_tokens"] = int(mask.sum())
     if json_out:
         print_json(result)
         return
@@ -76,15 +92,37 @@ def _inspect(tok, path: Path, encode: Optional[str], json_out: bool) -> None:
     table.add_column("id", justify="right")
     table.add_column("text")
     table.add_column("bytes", justify="right")
+    if mask is not None:
+        table.add_column("loss")
     from rich.markup import escape
 
     for k, r in enumerate(rows):
         shown = _shown(r["text"])
         if "\ufffd" in r["text"]:  # part of a multi-byte character: show its bytes
             shown = "".join(f"\\x{b:02x}" for b in tok.token_bytes(r["id"]))
-        table.add_row(str(k), str(r["id"]), escape(f"'{shown}'"), str(r["bytes"]))
+        extra = [("counted" if r["loss"] else "")] if mask is not None else []
+        table.add_row(str(k), str(r["id"]), escape(f"'{shown}'"), str(r["bytes"]), *extra)
     err.print(table)
-    info(f"{len(ids)} tokens for {n_bytes} bytes ({result['bytes_per_token']:.2f} bytes/token)")
+    info(f"{len(ids)} tokens for {n_bytes} bytes ({result['bytes_per_token']:.2f} bytes/token)"
+         + (f"; the loss counts {result['loss_tokens']} (the assistant turns)" if mask is not None else ""))
+
+
+def _messages(text: str):
+    """The messages of ``text`` when it is a JSON conversation (``[{role, content}, ...]`` or
+    ``{"messages": [...]}``), else None (plain text)."""
+    import json
+
+    if not text.lstrip().startswith(("[", "{")):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, dict):
+        value = value.get("messages")
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return value
+    return None
 
 
 def command(
@@ -118,6 +156,8 @@ def command(
       tfkit tokenize data/ --vocab-size 16384 --out tokenizer.json --force
 
       tfkit tokenize --tokenizer tokenizer.json --encode "Fair is foul, and foul is fair"
+
+      tfkit tokenize --tokenizer tokenizer.json --encode '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]'
     """
     from tfkit.data.tokenizer import Tokenizer
     from tfkit.errors import DataError

@@ -87,7 +87,8 @@ def span_mask(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...]
 
 
 def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Optional[EncodeStats] = None,
-                     batch_chars: int = BATCH_CHARS, masks: bool = False) -> Iterator[np.ndarray]:
+                     batch_chars: int = BATCH_CHARS, masks: bool = False, max_conversation: Optional[int] = None,
+                     on_skip: Optional[Callable[[str], None]] = None) -> Iterator[np.ndarray]:
     """Encode documents in batches; yield int64 id arrays with ``eot_id`` after each final piece.
 
     Long texts are encoded in parts of at most :data:`SUB_CHARS` characters cut after newlines
@@ -103,8 +104,14 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
     :attr:`~tfkit.data.sources.Document.spans`) the mask marks the tokens of its assistant turns
     (the end-of-text id after it is not marked); every token of plain text is marked.
 
+    A conversation of more than ``max_conversation`` tokens (its end-of-text included) is left out:
+    reported to ``on_skip`` with its ``file:line``, or refused without ``on_skip``.
+
     Yields:
         1-D ``np.int64`` arrays of ids, in document order (or ``(ids, bool mask)`` pairs).
+
+    Raises:
+        DataError: a conversation longer than ``max_conversation`` and no ``on_skip``.
     """
     stats = stats if stats is not None else EncodeStats()
     lengths = tokenizer.byte_lengths()
@@ -112,13 +119,21 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
     texts: list[str] = []
     ends: list[bool] = []  # an end-of-text id follows texts[i]
     spans: list[Optional[tuple]] = []  # assistant spans of texts[i] (conversations)
+    sources: list[str] = []
     size = 0
 
     def flush():
         encoded = tokenizer.encode_with_offsets(texts) if masks else [(e, None) for e in tokenizer.encode_batch(texts)]
         pieces: list[list[int]] = []
         marks: list[np.ndarray] = []
-        for (ids, offsets), end, sp in zip(encoded, ends, spans):
+        for (ids, offsets), end, sp, src in zip(encoded, ends, spans, sources):
+            if sp is not None and max_conversation is not None and len(ids) + 1 > max_conversation:
+                why = (f"`{src}`: a conversation of {len(ids) + 1} tokens is longer than the context "
+                       f"({max_conversation} tokens)")
+                if on_skip is None:
+                    raise DataError(why, "shorten it, or prepare with a larger `--context-length`")
+                on_skip(why)
+                continue
             pieces.append(ids)
             if masks:
                 marks.append(np.ones(len(ids), dtype=bool) if sp is None else span_mask(offsets, sp))
@@ -147,10 +162,11 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
             texts.append(part)
             ends.append(doc.final and k == len(parts) - 1)
             spans.append(doc.spans)
+            sources.append(doc.source)
             size += len(part)
             if size >= batch_chars or len(texts) >= BATCH_DOCS:
                 yield flush()
-                texts, ends, spans, size = [], [], [], 0
+                texts, ends, spans, sources, size = [], [], [], [], 0
     if texts:
         yield flush()
 
@@ -187,6 +203,7 @@ def prepare(
     on_progress: Optional[Callable[[int], None]] = None,
     stats: Optional[EncodeStats] = None,
     strict: bool = False,
+    context_length: Optional[int] = None,
 ) -> TokenFileHeader:
     """Tokenize text/JSONL files (or folders, globs) into one token file, streaming.
 
@@ -204,6 +221,7 @@ def prepare(
             the inputs' total size on disk.
         stats: filled with the counts (conversations, loss tokens, skipped records...).
         strict: refuse an invalid conversation instead of skipping it.
+        context_length: conversations longer than this many tokens are skipped (``strict``: refused).
 
     Returns:
         The header written (``n_tokens``; ``n_documents`` = end-of-text ids, a ``<|endoftext|>`` typed
@@ -230,9 +248,19 @@ def prepare(
 
     docs = iter_documents(files, text_field=text_field, on_progress=on_progress,
                           render=lambda messages: render(messages, tokenizer), on_skip=None if strict else skip)
+    try:
+        return _write(out, files, tokenizer, stats, docs, context_length, None if strict else skip)
+    except DataError as exc:
+        if stats.n_skipped and exc.message.startswith("no tokens to write"):
+            raise DataError(f"every conversation was skipped ({stats.n_skipped}); the first: {stats.skipped[0]}",
+                            "fix the records, or raise `--context-length`") from None
+        raise
+
+
+def _write(out, files, tokenizer, stats, docs, context_length, skip) -> TokenFileHeader:
     return write_token_file(
         out,
-        encode_documents(docs, tokenizer, stats, masks=True),
+        encode_documents(docs, tokenizer, stats, masks=True, max_conversation=context_length, on_skip=skip),
         vocab_size=tokenizer.vocab_size,
         tokenizer_hash=tokenizer.hash,
         eot_id=tokenizer.eot_id,
