@@ -194,6 +194,34 @@ def test_an_error_on_rank_0_is_said_once_and_every_rank_exits_with_its_code(runs
     assert r.stderr.splitlines() == ["[rank 1] error: disk full", "hint: free some"]
 
 
+def test_two_ranks_count_each_assistant_token_once_as_one_process_does(runs, corpus, tmp_path):
+    """Conversation data (assistant-only loss): each rank counts its micro-batch's targets, the
+    ranks sum them, and the step's loss equals the single-process one."""
+    home, _ = runs
+    _, tok = corpus
+    with open(tmp_path / "chats.jsonl", "w") as f:
+        for a in range(200):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus 1?"},
+                                             {"role": "assistant", "content": f"It is {a + 1}."}]}) + "\n")
+    chats = tmp_path / "chats.bin"
+    assert _tfkit(["prepare", tmp_path / "chats.jsonl", "--tokenizer", tok, "--out", chats], home).returncode == 0
+    # one process: a single micro-batch of 8 windows; two ranks: 4 windows each. A mean of the two
+    # ranks' means would differ from the one process's mean (their counts differ); a count-weighted sum does not
+    for name, extra in (("chat-one", ["train.batch_size=8", "train.grad_accum_steps=1"]),
+                        ("chat-ddp", ["system.distributed=ddp"])):
+        r = _tfkit(_train(chats, tok, name, extra, steps=3) + (["--nproc-per-node", 2] if name == "chat-ddp" else []), home)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    def steps(name):
+        lines = (_run(home, name) / "metrics.jsonl").read_text().splitlines()
+        return {x["step"]: (x["loss"], x["stats"]["loss_tokens"]) for x in map(json.loads, lines) if x.get("kind") == "step"}
+
+    one, ddp = steps("chat-one"), steps("chat-ddp")
+    assert sorted(one) == sorted(ddp) == [1, 2, 3]
+    for s in one:
+        assert ddp[s][1] == one[s][1] < 8 * 16 and abs(ddp[s][0] - one[s][0]) < 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mod", "dtf", "free", "mhc"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

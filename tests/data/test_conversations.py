@@ -230,3 +230,15 @@ def test_tokenize_encode_shows_a_conversation_as_rendered_with_the_counted_token
     out = json.loads(r.stdout)
     assert out["text"] == "<|user|>\nHail<|end|>\n<|assistant|>\nAll hail<|end|>\n"
     assert "".join(t["text"] for t in out["tokens"] if t["loss"]) == "All hail<|end|>" and out["loss_tokens"] >= 2
+
+
+def test_a_conversation_without_an_assistant_turn_is_skipped_unless_every_token_trains(tok, tmp_path):
+    src = _chats(tmp_path / "c.jsonl", 2, bad=[{"messages": [{"role": "user", "content": "Hello?"}]}])
+    stats = EncodeStats()
+    prepare([src], tok, tmp_path / "a.bin", stats=stats)
+    assert stats.n_skipped == 1 and stats.skipped[0].startswith(f"`{src}:3`: a conversation without an assistant turn")
+    with pytest.raises(DataError, match=f"{src.name}:3"):
+        prepare([src], tok, tmp_path / "s.bin", strict=True)
+    kept = EncodeStats()
+    prepare([src], tok, tmp_path / "all.bin", stats=kept, loss_on="all")
+    assert kept.n_skipped == 0 and kept.n_conversations == 3 and kept.n_without_assistant == 1

@@ -35,6 +35,9 @@ def command(
     context_length: Annotated[Optional[int], typer.Option("--context-length", min=2, help="Skip (count and name) "
                                                           "conversations longer than this many tokens, the model's "
                                                           "context; --strict refuses them.")] = None,
+    loss_on: Annotated[str, typer.Option("--loss-on", help="assistant: skip conversations without an assistant "
+                                         "turn (they train nothing under data.loss_on=assistant); all: keep them.",
+                                         metavar="assistant|all")] = "assistant",
     show: Annotated[int, typer.Option("--show", min=0, help="Print the first N documents as encoded, the tokens "
                                                             "the loss counts in [brackets] (conversations).",
                                       metavar="N")] = 0,
@@ -55,6 +58,8 @@ def command(
     from tfkit.data.tokenizer import Tokenizer
     from tfkit.errors import DataError
 
+    if loss_on not in ("assistant", "all"):
+        raise DataError(f"--loss-on {loss_on!r} is not assistant or all", "write `--loss-on assistant` or `--loss-on all`")
     tok = Tokenizer.load(tokenizer)
     paths = expand_inputs(files)
     if out.is_dir():
@@ -64,7 +69,7 @@ def command(
     stats = EncodeStats()
     with progress_bar(f"encoding {len(paths)} file(s)", total) as advance:
         h = prepare(paths, tok, out, text_field=text_field, on_progress=advance, stats=stats, strict=strict,
-                    context_length=context_length)
+                    context_length=context_length, loss_on=loss_on)
     seconds = time.perf_counter() - start
     text_tokens = h.n_tokens - h.n_documents
     bpt = h.n_bytes / text_tokens if text_tokens else 0.0
@@ -83,7 +88,8 @@ def command(
     if stats.n_conversations:
         info(f"{stats.n_conversations:,} conversations: the loss counts {h.n_loss_tokens:,} tokens "
              f"({h.n_loss_tokens / h.n_tokens:.1%}, the assistant turns) with data.loss_on=assistant"
-             + (f"; {stats.n_without_assistant:,} have no assistant turn" if stats.n_without_assistant else ""))
+             + (f"; {stats.n_without_assistant:,} have no assistant turn (kept: --loss-on all)"
+                if stats.n_without_assistant else ""))
     if stats.n_skipped:
         from tfkit.cli.output import warn
 

@@ -88,7 +88,8 @@ def span_mask(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...]
 
 def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Optional[EncodeStats] = None,
                      batch_chars: int = BATCH_CHARS, masks: bool = False, max_conversation: Optional[int] = None,
-                     on_skip: Optional[Callable[[str], None]] = None) -> Iterator[np.ndarray]:
+                     on_skip: Optional[Callable[[str], None]] = None,
+                     require_assistant: bool = False) -> Iterator[np.ndarray]:
     """Encode documents in batches; yield int64 id arrays with ``eot_id`` after each final piece.
 
     Long texts are encoded in parts of at most :data:`SUB_CHARS` characters cut after newlines
@@ -104,7 +105,8 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
     :attr:`~tfkit.data.sources.Document.spans`) the mask marks the tokens of its assistant turns
     (the end-of-text id after it is not marked); every token of plain text is marked.
 
-    A conversation of more than ``max_conversation`` tokens (its end-of-text included) is left out:
+    A conversation of more than ``max_conversation`` tokens (its end-of-text included), or with
+    ``require_assistant`` one without an assistant turn (it would train nothing), is left out:
     reported to ``on_skip`` with its ``file:line``, or refused without ``on_skip``.
 
     Yields:
@@ -127,11 +129,17 @@ def encode_documents(docs: Iterable[Document], tokenizer: Tokenizer, stats: Opti
         pieces: list[list[int]] = []
         marks: list[np.ndarray] = []
         for (ids, offsets), end, sp, src in zip(encoded, ends, spans, sources):
+            why = hint = None
             if sp is not None and max_conversation is not None and len(ids) + 1 > max_conversation:
                 why = (f"`{src}`: a conversation of {len(ids) + 1} tokens is longer than the context "
                        f"({max_conversation} tokens)")
+                hint = "shorten it, or prepare with a larger `--context-length`"
+            elif sp is not None and require_assistant and not sp:
+                why = f"`{src}`: a conversation without an assistant turn trains nothing with data.loss_on=assistant"
+                hint = "add the assistant's answer, or keep such records with `--loss-on all`"
+            if why is not None:
                 if on_skip is None:
-                    raise DataError(why, "shorten it, or prepare with a larger `--context-length`")
+                    raise DataError(why, hint)
                 on_skip(why)
                 continue
             pieces.append(ids)
@@ -204,6 +212,7 @@ def prepare(
     stats: Optional[EncodeStats] = None,
     strict: bool = False,
     context_length: Optional[int] = None,
+    loss_on: str = "assistant",
 ) -> TokenFileHeader:
     """Tokenize text/JSONL files (or folders, globs) into one token file, streaming.
 
@@ -222,6 +231,8 @@ def prepare(
         stats: filled with the counts (conversations, loss tokens, skipped records...).
         strict: refuse an invalid conversation instead of skipping it.
         context_length: conversations longer than this many tokens are skipped (``strict``: refused).
+        loss_on: ``"assistant"`` (default): a conversation without an assistant turn is skipped too
+            (``strict``: refused); ``"all"`` keeps it.
 
     Returns:
         The header written (``n_tokens``; ``n_documents`` = end-of-text ids, a ``<|endoftext|>`` typed
@@ -249,7 +260,8 @@ def prepare(
     docs = iter_documents(files, text_field=text_field, on_progress=on_progress,
                           render=lambda messages: render(messages, tokenizer), on_skip=None if strict else skip)
     try:
-        return _write(out, files, tokenizer, stats, docs, context_length, None if strict else skip)
+        return _write(out, files, tokenizer, stats, docs, context_length, None if strict else skip,
+                      loss_on == "assistant")
     except DataError as exc:
         if stats.n_skipped and exc.message.startswith("no tokens to write"):
             raise DataError(f"every conversation was skipped ({stats.n_skipped}); the first: {stats.skipped[0]}",
@@ -257,10 +269,11 @@ def prepare(
         raise
 
 
-def _write(out, files, tokenizer, stats, docs, context_length, skip) -> TokenFileHeader:
+def _write(out, files, tokenizer, stats, docs, context_length, skip, require_assistant) -> TokenFileHeader:
     return write_token_file(
         out,
-        encode_documents(docs, tokenizer, stats, masks=True, max_conversation=context_length, on_skip=skip),
+        encode_documents(docs, tokenizer, stats, masks=True, max_conversation=context_length, on_skip=skip,
+                         require_assistant=require_assistant),
         vocab_size=tokenizer.vocab_size,
         tokenizer_hash=tokenizer.hash,
         eot_id=tokenizer.eot_id,
