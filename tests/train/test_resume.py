@@ -176,3 +176,18 @@ def test_is_finished():
 def test_config_diff_flattens_sections():
     assert config_diff({"a": {"b": 1, "c": [1, 2]}, "d": 3}, {"a": {"b": 2, "c": [1, 2]}, "d": 3, "e": None}) == \
         {"a.b": (1, 2)}
+
+
+def test_a_config_recorded_before_a_field_existed_is_not_a_change():
+    """A checkpoint of an earlier tfkit has no `data.loss_on` or `model.attention_bias`: resuming it
+    must not report them as changes (it did, and refused, before `with_new_defaults`)."""
+    from tfkit.train.resume import config_diff, with_new_defaults
+
+    now = config.load(preset="nano").model_dump(mode="json")
+    old = json.loads(json.dumps(now))
+    for section, key in (("data", "loss_on"), ("model", "attention_bias"), ("model", "head_dim"), ("model", "rope_scaling")):
+        del old[section][key]
+    assert set(config_diff(old, now)) == {"data.loss_on", "model.attention_bias"}
+    assert config_diff(with_new_defaults(old), now) == {}
+    old["optim"]["lr"] = 0.5  # a real change still shows
+    assert set(config_diff(with_new_defaults(old), now)) == {"optim.lr"}

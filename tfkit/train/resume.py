@@ -70,6 +70,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A config dump recorded by an earlier tfkit, with the fields added since at their defaults
+    (e.g. ``data.loss_on``, ``model.attention_bias``), so that a field a checkpoint never knew is not
+    taken for a change; the dump as it is when it no longer validates."""
+    try:
+        return RunConfig.model_validate(recorded).model_dump(mode="json")
+    except ValueError:
+        return recorded
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted fields whose values differ between two config dumps (``model_dump(mode="json")``)."""
     a, b = flatten(old), flatten(new)
@@ -170,7 +180,7 @@ def plan_resume(run_dir: Path, checkpoint: str = "latest", overrides: Optional[l
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=moved)})
 
     recorded_cfg = state.get("config") if isinstance(state.get("config"), dict) else None
-    base = recorded_cfg if recorded_cfg is not None else cfg_disk.model_dump(mode="json")
+    base = with_new_defaults(recorded_cfg) if recorded_cfg is not None else cfg_disk.model_dump(mode="json")
     diff = {k: v for k, v in config_diff(base, cfg.model_dump(mode="json")).items() if k not in BUDGET_FIELDS}
     changes = {k: v for k, v in diff.items() if k in set_keys}
     unannounced = {k: v for k, v in diff.items() if k not in set_keys}
